@@ -1,0 +1,17 @@
+"""PPO detoxification of FLAN-T5 summaries with PyTorch Lightning."""
+
+from detox_lightning.data import DialogSumDataModule
+from detox_lightning.module import GenerationSettings, PPODetoxModule, PPOSettings
+from detox_lightning.policy import PolicyConfig
+from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward, RewardModel
+
+__all__ = [
+    "DialogSumDataModule",
+    "GenerationSettings",
+    "HFClassifierReward",
+    "PPODetoxModule",
+    "PPOSettings",
+    "PolicyConfig",
+    "ProfanityCheckReward",
+    "RewardModel",
+]

@@ -1,0 +1,188 @@
+"""DialogSum prompts as a LightningDataModule: load, filter by length, prompt, tokenize, split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from detox_lightning.builtin import resolve
+from detox_lightning.errors import ConfigError
+
+NOTEBOOK_PROMPT = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def data_files(path: str | dict[str, str]) -> tuple[str, dict[str, str]] | None:
+    """(builder, {split: file}) for local data; None for a hub id.
+
+    A directory is read as `<split>.<ext>` files; a single file is the `train` split.
+    """
+    if isinstance(path, dict):
+        files = {split: str(Path(f).expanduser()) for split, f in path.items()}
+    else:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            files = {f.stem: str(f) for f in sorted(p.iterdir()) if f.suffix in FILE_BUILDERS}
+            if not files:
+                raise ConfigError(f"data.path={path!r} is a directory without {sorted(FILE_BUILDERS)} files")
+        elif p.suffix in FILE_BUILDERS or p.exists() or path.startswith((".", "/", "~")):
+            files = {"train": str(p)}
+        else:
+            return None  # owner/name: a hub dataset
+    missing = [f for f in files.values() if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"data.path: no such data file {missing[0]!r}")
+    suffixes = {Path(f).suffix for f in files.values()}
+    unknown = suffixes - set(FILE_BUILDERS)
+    if unknown or len(suffixes) != 1:
+        raise ConfigError(f"data.path: files must share one of the formats {sorted(FILE_BUILDERS)}, got {sorted(suffixes)}")
+    return FILE_BUILDERS[suffixes.pop()], files
+
+
+class DialogSumDataModule(pl.LightningDataModule):
+    """Filtered DialogSum dialogues wrapped in the summarisation prompt.
+
+    Args:
+        path: hub id (`knkarthick/dialogsum`), a local file (json/jsonl/csv/parquet), a directory of
+            `<split>.<ext>` files, a dict {split: file}, or `builtin:sample-dialogsum`.
+        split: which split to take the prompts from (the notebook uses `train` only).
+        min_chars: keep dialogues longer than this many characters.
+        max_chars: keep dialogues of at most this many characters.
+        prompt_template: the instruction; `{dialogue}` is replaced by the dialogue.
+        test_size: fraction held out for evaluation.
+        split_seed: seed of the train/test split (used when `shuffle_split`).
+        shuffle_split: shuffle before splitting (the notebook does not).
+        batch_size: prompts per PPO iteration.
+        max_prompt_tokens: truncate longer prompts to this many tokens; None: keep them whole.
+        tokenizer_name_or_path: tokenizer to use; None: the trained model's own.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        path: str | dict[str, str] = "knkarthick/dialogsum",
+        split: str = "train",
+        min_chars: int = 200,
+        max_chars: int = 1000,
+        prompt_template: str = NOTEBOOK_PROMPT,
+        test_size: float = 0.2,
+        split_seed: int = 42,
+        shuffle_split: bool = False,
+        batch_size: int = 16,
+        max_prompt_tokens: int | None = None,
+        tokenizer_name_or_path: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if min_chars >= max_chars:
+            problems.append(f"data.min_chars={min_chars} must be smaller than data.max_chars={max_chars}")
+        if "{dialogue}" not in prompt_template:
+            problems.append("data.prompt_template must contain '{dialogue}'")
+        if not 0.0 < test_size < 1.0:
+            problems.append(f"data.test_size={test_size} must lie in (0, 1)")
+        if batch_size < 1:
+            problems.append(f"data.batch_size={batch_size} must be at least 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        self.path = path
+        self.split = split
+        self.min_chars = min_chars
+        self.max_chars = max_chars
+        self.prompt_template = prompt_template
+        self.test_size = test_size
+        self.split_seed = split_seed
+        self.shuffle_split = shuffle_split
+        self.batch_size = batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.num_workers = num_workers
+        self.tokenizer = None
+        self.train_dataset = None
+        self.test_dataset = None
+
+    def load_splits(self):
+        """Load, filter and split the dialogues (untokenized); raises on unusable data.
+
+        Returns:
+            a `DatasetDict` with `train` and `test`.
+        """
+        from datasets import load_dataset
+
+        path = self.path if isinstance(self.path, dict) else resolve(self.path)
+        local = data_files(path)
+        if local is None:
+            dataset = load_dataset(path, split=self.split)
+        else:
+            builder, files = local
+            if self.split not in files:
+                raise ConfigError(f"data.split={self.split!r} is not among the data files' splits {sorted(files)}")
+            dataset = load_dataset(builder, data_files={self.split: files[self.split]}, split=self.split)
+        if "dialogue" not in dataset.column_names:
+            raise ConfigError(f"data.path={self.path!r} has no 'dialogue' column; its columns are {dataset.column_names}")
+        n_rows = len(dataset)
+        lo, hi = self.min_chars, self.max_chars
+        dataset = dataset.filter(lambda row: lo < len(row["dialogue"] or "") <= hi)
+        if len(dataset) < 2:
+            raise ConfigError(
+                f"{len(dataset)} of {n_rows} dialogues have {lo} < characters <= {hi} "
+                f"(data.min_chars, data.max_chars); at least 2 are needed to split train and test"
+            )
+        return dataset.train_test_split(test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed)
+
+    def prepare_data(self) -> None:
+        # Runs before Lightning creates the log dir: bad data stops the run with nothing written.
+        self.load_splits()
+
+    def setup(self, stage: str) -> None:
+        if self.train_dataset is not None:
+            return
+        self.tokenizer = self.load_tokenizer()
+        splits = self.load_splits().map(self.tokenize, remove_columns=["dialogue"])
+        self.train_dataset, self.test_dataset = splits["train"], splits["test"]
+        if len(self.train_dataset) < self.batch_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.train_dataset)} training prompts"
+            )
+
+    def load_tokenizer(self):
+        if self.tokenizer_name_or_path is not None:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(resolve(self.tokenizer_name_or_path))
+        if self.trainer is None or not hasattr(self.trainer.lightning_module, "tokenizer"):
+            raise ConfigError("data.tokenizer_name_or_path is needed when the data module is used without a model")
+        return self.trainer.lightning_module.tokenizer
+
+    def tokenize(self, row: dict) -> dict:
+        prompt = self.prompt_template.format(dialogue=row["dialogue"])
+        truncate = self.max_prompt_tokens is not None
+        input_ids = self.tokenizer(prompt, truncation=truncate, max_length=self.max_prompt_tokens)["input_ids"]
+        return {"input_ids": input_ids, "query": self.tokenizer.decode(input_ids, skip_special_tokens=True)}
+
+    def collate(self, rows: list[dict]) -> dict:
+        """Right-padded prompts (T5's encoder expects right padding) plus the text columns."""
+        batch = self.tokenizer.pad(
+            {"input_ids": [r["input_ids"] for r in rows]}, padding=True, return_tensors="pt"
+        )
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        for key in ("query", "summary", "id"):
+            if key in rows[0]:
+                out[key] = [r[key] for r in rows]
+        return out
+
+    def train_dataloader(self) -> DataLoader:
+        # Whole batches only: every PPO iteration sees batch_size prompts.
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_dataset, batch_size=self.batch_size, collate_fn=self.collate)

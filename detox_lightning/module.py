@@ -1,0 +1,420 @@
+"""The PPO detoxification LightningModule: one training batch = one PPO iteration.
+
+Glue only: the math lives in `ppo_math`, the model calls in `rollout`, the models in `policy`
+and `rewards`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import lightning.pytorch as pl
+import torch
+
+from detox_lightning import ppo_math
+from detox_lightning.errors import ConfigError
+from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
+from detox_lightning.rewards import RewardModel
+from detox_lightning.rollout import Samples, logprobs_and_values, sample, token_logprobs
+from detox_lightning.trl_compat import entropy_from_logits, masked_mean, masked_whiten
+
+PROGRESS_BAR = ("env/reward_mean", "objective/kl")
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are sampled during PPO (the notebook's settings by default).
+
+    Args:
+        min_length: minimum decoder length, start token included (as `generate`'s `min_length`).
+        output_min_length: each PPO iteration draws its `max_new_tokens` uniformly from
+            [output_min_length, output_max_length] (the notebook draws per prompt from [100, 400)).
+        output_max_length: upper end of that draw; set both equal for a fixed cap.
+        top_k: 0 samples from the whole vocabulary.
+        top_p: 1.0 disables nucleus filtering.
+        temperature: sampling temperature; log-probs divide the logits by it too.
+    """
+
+    min_length: int = 5
+    output_min_length: int = 100
+    output_max_length: int = 400
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class PPOSettings:
+    """PPO hyper-parameters (trl's classic defaults, the notebook's learning rate and batch split).
+
+    Args:
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay (0 = trl's Adam).
+        mini_batch_size: prompts per optimizer step; must divide the batch size.
+        ppo_epochs: passes over the batch per iteration.
+        gradient_accumulation_steps: micro-batches per mini-batch (must divide mini_batch_size).
+        cliprange: policy ratio clip.
+        cliprange_value: value prediction clip around the rollout values.
+        vf_coef: value loss weight.
+        gamma: discount.
+        lam: GAE lambda.
+        max_grad_norm: clip the gradient norm to this; None: no clipping.
+        kl_penalty: per-token KL estimate in the reward: k1 (log-ratio), abs, mse or full (exact,
+            over the vocabulary; keeps two (B, T, V) logit tensors).
+        init_kl_coef: initial KL coefficient.
+        adap_kl_ctrl: adapt the coefficient towards `target` (else it stays fixed).
+        target: target of the adaptive controller, in KL summed over a response.
+        horizon: horizon of the adaptive controller.
+        score_clip: clip scores to [-score_clip, score_clip] after scaling; None: no clip.
+        score_scaling: divide scores by the running std of all scores seen.
+        missing_eos_penalty: subtract this from the score of responses that never emit EOS.
+        disable_dropout: keep the policy and value head in eval mode during the PPO update, so that
+            old and new log-probs agree and at the first iteration the policy equals the reference
+            (KL 0, ratio 1). False: dropout on in the update, as the notebook.
+        logprobs_from_generate: take rollout log-probs and values from `generate`'s own logits and
+            hidden states instead of a second forward pass.
+    """
+
+    learning_rate: float = 1.41e-5
+    weight_decay: float = 0.0
+    mini_batch_size: int = 4
+    ppo_epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float | None = 1.0
+    kl_penalty: ppo_math.KLPenalty = "k1"
+    init_kl_coef: float = 0.2
+    adap_kl_ctrl: bool = True
+    target: float = 6.0
+    horizon: int = 10000
+    score_clip: float | None = None
+    score_scaling: bool = False
+    missing_eos_penalty: float | None = None
+    disable_dropout: bool = True
+    logprobs_from_generate: bool = True
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts with everything the PPO update needs; (B, ...) tensors."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    decoder_input_ids: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor  # float
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> Experience:
+        """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
+        prompt_len = int(self.attention_mask[idx].sum(dim=1).max())
+        response_len = int(self.mask[idx].sum(dim=1).max())
+        fields = {}
+        for name, value in vars(self).items():
+            value = value[idx]
+            fields[name] = value[:, :prompt_len] if name in ("input_ids", "attention_mask") else value[:, :response_len]
+        return Experience(**fields)
+
+
+def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSettings) -> None:
+    """Raise one ValueError naming every inconsistent setting."""
+    problems = []
+    if ppo.mini_batch_size < 1 or batch_size % ppo.mini_batch_size:
+        problems.append(
+            f"data.batch_size={batch_size} is not divisible by model.ppo.mini_batch_size={ppo.mini_batch_size}"
+        )
+    elif ppo.gradient_accumulation_steps < 1 or ppo.mini_batch_size % ppo.gradient_accumulation_steps:
+        problems.append(
+            f"model.ppo.mini_batch_size={ppo.mini_batch_size} is not divisible by "
+            f"model.ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps}"
+        )
+    if ppo.learning_rate <= 0:
+        problems.append(f"model.ppo.learning_rate={ppo.learning_rate} must be positive")
+    if ppo.ppo_epochs < 1:
+        problems.append(f"model.ppo.ppo_epochs={ppo.ppo_epochs} must be at least 1")
+    if ppo.kl_penalty not in ("k1", "abs", "mse", "full"):
+        problems.append(f"model.ppo.kl_penalty={ppo.kl_penalty!r} is not one of k1, abs, mse, full")
+    if not 1 <= generation.output_min_length <= generation.output_max_length:
+        problems.append(
+            f"model.generation.output_min_length={generation.output_min_length} and output_max_length="
+            f"{generation.output_max_length} must satisfy 1 <= min <= max"
+        )
+    if generation.temperature <= 0:
+        problems.append(f"model.generation.temperature={generation.temperature} must be positive")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+class PPODetoxModule(pl.LightningModule):
+    """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
+
+    Args:
+        reward: the reward component (`class_path` in YAML), e.g. `HFClassifierReward`.
+        policy: the model to fine-tune and its LoRA adapter.
+        ppo: PPO hyper-parameters.
+        generation: response sampling during PPO.
+        batch_size: prompts per PPO iteration (linked from `data.batch_size`).
+    """
+
+    def __init__(
+        self,
+        reward: RewardModel,
+        policy: PolicyConfig = PolicyConfig(),  # noqa: B008 - dataclasses are read-only configs here
+        ppo: PPOSettings = PPOSettings(),  # noqa: B008
+        generation: GenerationSettings = GenerationSettings(),  # noqa: B008
+        batch_size: int = 16,
+    ) -> None:
+        super().__init__()
+        check_settings(batch_size, ppo, generation)
+        self.automatic_optimization = False
+        self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
+        self.policy, self.tokenizer = build_policy(policy)
+        self.reward = reward
+        if ppo.adap_kl_ctrl:
+            self.kl_ctl = ppo_math.AdaptiveKLController(ppo.init_kl_coef, ppo.target, ppo.horizon)
+        else:
+            self.kl_ctl = ppo_math.FixedKLController(ppo.init_kl_coef)
+        self.score_moments = ppo_math.RunningMoments()
+
+    # ---- generation (also used by the evaluation callbacks) ----
+
+    def generation_kwargs(self, max_new_tokens: int) -> dict:
+        g = self.generation
+        return {
+            "do_sample": True,
+            "top_k": g.top_k,
+            "top_p": g.top_p,
+            "temperature": g.temperature,
+            "min_length": g.min_length,
+            "max_new_tokens": max_new_tokens,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+
+    @torch.no_grad()
+    def sample(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, reference: bool = False
+    ) -> Samples:
+        """Sample responses from the policy (or the frozen reference), dropout off."""
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            if reference:
+                with reference_mode(self.policy, input_ids.shape[0]) as kwargs:
+                    return sample(self.policy, input_ids, attention_mask, self.generation_kwargs(max_new_tokens), **kwargs)
+            return sample(self.policy, input_ids, attention_mask, self.generation_kwargs(max_new_tokens))
+        finally:
+            self.policy.train(was_training)
+
+    def decode(self, response_ids: torch.Tensor) -> list[str]:
+        return self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+
+    # ---- one PPO iteration ----
+
+    def draw_max_new_tokens(self) -> int:
+        g = self.generation
+        return int(torch.randint(g.output_min_length, g.output_max_length + 1, (1,)).item())
+
+    def shape_scores(self, scores: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+        """Optional EOS penalty, running-std scaling and clipping of the reward-model scores."""
+        if self.ppo.missing_eos_penalty is not None:
+            has_eos = (response_ids == self.tokenizer.eos_token_id).any(dim=1)
+            scores = scores - self.ppo.missing_eos_penalty * (~has_eos).to(scores.dtype)
+        if self.ppo.score_scaling:
+            self.score_moments.update(scores)
+            scores = scores / (self.score_moments.std + 1e-8)
+        if self.ppo.score_clip is not None:
+            scores = scores.clamp(-self.ppo.score_clip, self.ppo.score_clip)
+        return scores
+
+    @torch.no_grad()
+    def make_experience(self, batch: dict) -> tuple[Experience, dict[str, float]]:
+        """Steps 1-5: rollout, score, old/reference log-probs and values, shaped rewards, GAE."""
+        ppo, temperature = self.ppo, self.generation.temperature
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        n = input_ids.shape[0]
+
+        # 1. rollout: one batched generate
+        samples = self.sample(input_ids, attention_mask, self.draw_max_new_tokens())
+        ids, mask = samples.response_ids, samples.mask
+
+        # 2. score with the reward component
+        raw_scores = self.reward(batch["query"], self.decode(ids)).to(self.device, torch.float32)
+        scores = self.shape_scores(raw_scores, ids)
+
+        # 3. old log-probs and values from the policy, reference log-probs from the frozen reference
+        self.policy.eval()
+        if ppo.logprobs_from_generate:
+            logits, values = samples.logits, samples.values
+            logprobs = token_logprobs(logits, ids, temperature)
+        else:
+            logits, logprobs, values = logprobs_and_values(
+                self.policy, input_ids, attention_mask, samples.decoder_input_ids, ids, temperature
+            )
+        with reference_mode(self.policy, n) as kwargs:
+            ref_logits, ref_logprobs, _ = logprobs_and_values(
+                self.policy, input_ids, attention_mask, samples.decoder_input_ids, ids, temperature, **kwargs
+            )
+
+        # 4. per-token rewards: -kl_coef * KL, plus the score on the last response token
+        fmask = mask.float()
+        if ppo.kl_penalty == "full":
+            kl = ppo_math.full_kl(logits / temperature, ref_logits / temperature)
+        else:
+            kl = ppo_math.per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
+        rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
+
+        # 5. GAE, returns, whitened advantages
+        advantages, returns = ppo_math.gae(values, rewards, fmask, ppo.gamma, ppo.lam)
+        advantages = masked_whiten(advantages, fmask) * fmask
+
+        kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1)  # trl's objective/kl: summed per response
+        entropy = (entropy_from_logits(logits / temperature) * fmask).sum(dim=1)
+        stats = {
+            "objective/kl": kl_sum.mean(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": entropy.mean(),
+            "env/reward_mean": raw_scores.mean(),
+            "env/reward_std": raw_scores.std() if n > 1 else torch.zeros(()),
+            "ppo/scores_mean": scores.mean(),
+            "ppo/returns/mean": masked_mean(returns, fmask),
+            "ppo/policy/advantages_mean": masked_mean(advantages, fmask),
+            "ppo/val/mean": masked_mean(values, fmask),
+            "tokens/responses_len_mean": fmask.sum(dim=1).mean(),
+            "tokens/queries_len_mean": attention_mask.sum(dim=1).float().mean(),
+        }
+        experience = Experience(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=samples.decoder_input_ids,
+            response_ids=ids,
+            mask=fmask,
+            logprobs=logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+        )
+        return experience, {k: float(v) for k, v in stats.items()}
+
+    def ppo_update(self, exp: Experience) -> dict[str, float]:
+        """Step 6: `ppo_epochs` passes over shuffled mini-batches; one optimizer step each."""
+        ppo = self.ppo
+        optimizer = self.optimizers()
+        # Eval mode is the only switch that reaches every dropout (T5's attention dropout is a
+        # float, not an nn.Dropout); gradients flow the same.
+        self.policy.train(not ppo.disable_dropout)
+        micro_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
+        stats = defaultdict(list)
+        for _ in range(ppo.ppo_epochs):
+            for mb_idx in torch.randperm(exp.mask.shape[0], device=self.device).split(ppo.mini_batch_size):
+                for micro_idx in mb_idx.split(micro_size):
+                    mb = exp.select(micro_idx)
+                    _, mb_logprobs, mb_vpred = logprobs_and_values(
+                        self.policy,
+                        mb.input_ids,
+                        mb.attention_mask,
+                        mb.decoder_input_ids,
+                        mb.response_ids,
+                        self.generation.temperature,
+                    )
+                    pg_loss, pg_clipfrac, approxkl = ppo_math.policy_loss(
+                        mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange
+                    )
+                    vf_loss, vf_clipfrac = ppo_math.value_loss(
+                        mb_vpred, mb.values, mb.returns, mb.mask, ppo.cliprange_value
+                    )
+                    loss = pg_loss + ppo.vf_coef * vf_loss
+                    self.manual_backward(loss / ppo.gradient_accumulation_steps)
+                    with torch.no_grad():
+                        ratio = masked_mean(torch.exp(mb_logprobs - mb.logprobs), mb.mask)
+                        stats["ppo/loss/policy"].append(pg_loss)
+                        stats["ppo/loss/value"].append(vf_loss)
+                        stats["ppo/loss/total"].append(loss)
+                        stats["ppo/policy/clipfrac"].append(pg_clipfrac)
+                        stats["ppo/policy/approxkl"].append(approxkl)
+                        stats["ppo/policy/ratio_mean"].append(ratio)
+                        stats["ppo/val/clipfrac"].append(vf_clipfrac)
+                        stats["ppo/val/vpred"].append(masked_mean(mb_vpred, mb.mask))
+                if ppo.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad()
+        # One host sync for all statistics, after the loop.
+        means = torch.stack([torch.stack(v).mean() for v in stats.values()]).tolist()
+        out = dict(zip(stats.keys(), means, strict=True))
+        out["ppo/policy/ratio_first"] = float(stats["ppo/policy/ratio_mean"][0])
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        experience, stats = self.make_experience(batch)
+        t1 = time.perf_counter()
+        stats.update(self.ppo_update(experience))
+        t2 = time.perf_counter()
+        # 7. adapt the KL coefficient to the KL of this batch
+        self.kl_ctl.update(stats["objective/kl"], self.batch_size * self.trainer.world_size)
+        stats["time/rollout"], stats["time/update"] = t1 - t0, t2 - t1
+        for name, value in stats.items():
+            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=self.batch_size)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.ppo.learning_rate, weight_decay=self.ppo.weight_decay)
+
+    # ---- lean checkpoints: only what training changes ----
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """The policy LoRA and value head only; frozen weights reload from their source.
+
+        (trl's value-head wrapper overrides `state_dict` in a way that drops the LoRA weights, so
+        the state is read from the parameters directly.)
+        """
+        return {name: p.detach() for name, p in self.trainable_parameters().items()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        own = self.trainable_parameters()
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        wrong = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+        if missing or unexpected or wrong:
+            details = []
+            if wrong:
+                details.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
+            if missing:
+                details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            if unexpected:
+                details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            raise ConfigError(
+                f"checkpoint does not fit model.policy (model_name_or_path={self.policy_config.model_name_or_path!r}, "
+                f"lora_r={self.policy_config.lora_r}): trainable tensors {'; '.join(details)}; "
+                f"was it saved for another base model or adapter shape?"
+            )
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state_dict[name])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ppo_state"] = {
+            "kl_controller": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "policy": asdict(self.policy_config),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("ppo_state")
+        if state is None:
+            raise ConfigError("the checkpoint has no 'ppo_state': it was not written by PPODetoxModule")
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])

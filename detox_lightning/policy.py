@@ -1,0 +1,139 @@
+"""The policy: a seq2seq LM with a trainable LoRA adapter and trl's value head, plus its reference.
+
+The reference is not a second network. With a starting adapter, a frozen copy of it is loaded as
+a second adapter ("reference") on the same base weights; with a fresh LoRA, the reference is the
+base model with adapters disabled (a fresh LoRA starts as the identity). Either way the weights in
+memory stay about 1x the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from detox_lightning.builtin import resolve
+from detox_lightning.errors import ConfigError
+from detox_lightning.trl_compat import AutoModelForSeq2SeqLMWithValueHead
+
+POLICY_ADAPTER = "policy"
+REFERENCE_ADAPTER = "reference"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class PolicyConfig:
+    """What to fine-tune.
+
+    Args:
+        model_name_or_path: any `AutoModelForSeq2SeqLM`: hub id, local path or `builtin:` name.
+        adapter_name_or_path: a LoRA adapter to start from (hub id or path, e.g. the notebook's
+            summarization checkpoint); it is loaded trainable as the policy and frozen as the
+            reference, and its own LoRA settings apply. None: a fresh LoRA with the settings below.
+        dtype: dtype of the base weights (`bfloat16` as the notebook, for GPUs); LoRA weights and
+            the value head stay float32.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_target_modules: names of the modules that get LoRA (T5: q, k, v, o, wi_0, wi_1, wo).
+        lora_dropout: LoRA dropout (switched off during PPO when `disable_dropout`).
+        trust_remote_code: allow code shipped with the model (off unless you trust the source).
+    """
+
+    model_name_or_path: str = "google/flan-t5-base"
+    adapter_name_or_path: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    lora_dropout: float = 0.05
+    trust_remote_code: bool = False
+
+
+def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
+    """Raise when a LoRA target names no module (peft only fails when none matches)."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in leaf_names]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"policy.lora_target_modules has {unknown}, which match no module of the model; "
+            f"its linear modules are named {linear}"
+        )
+
+
+def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead, object]:
+    """Load base model, LoRA adapter(s) and value head; only the policy LoRA and value head train.
+
+    Returns:
+        the value-head model (its `pretrained_model` is the `PeftModel`) and the tokenizer.
+    """
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = resolve(cfg.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    base = AutoModelForSeq2SeqLM.from_pretrained(
+        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+    )
+    if cfg.adapter_name_or_path is None:
+        check_lora_targets(base, cfg.lora_target_modules)
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            target_modules=list(cfg.lora_target_modules),
+            lora_dropout=cfg.lora_dropout,
+            bias="none",
+            task_type=TaskType.SEQ_2_SEQ_LM,
+        )
+        peft_model = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
+    else:
+        adapter = resolve(cfg.adapter_name_or_path)
+        peft_model = PeftModel.from_pretrained(base, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        peft_model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        # set_adapter also hands requires_grad to the active adapter; the policy is the one to train.
+        peft_model.set_adapter(POLICY_ADAPTER)
+    model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model)
+    model.v_head.float()
+    freeze_all_but_policy(model)
+    trainable, total = count_parameters(model)
+    rank_zero_info(
+        f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
+        f"reference: {'frozen starting adapter' if has_reference_adapter(model) else 'base, adapters disabled'}"
+    )
+    return model, tokenizer
+
+
+def freeze_all_but_policy(model: AutoModelForSeq2SeqLMWithValueHead) -> None:
+    """requires_grad only on the policy adapter's LoRA weights and the value head."""
+    for name, param in model.named_parameters():
+        is_policy_lora = "lora_" in name and f".{POLICY_ADAPTER}." in name
+        param.requires_grad_(is_policy_lora or name.startswith("v_head."))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def has_reference_adapter(model: AutoModelForSeq2SeqLMWithValueHead) -> bool:
+    return REFERENCE_ADAPTER in model.pretrained_model.peft_config
+
+
+@contextlib.contextmanager
+def reference_mode(model: AutoModelForSeq2SeqLMWithValueHead, batch_size: int) -> Iterator[dict]:
+    """Run the frozen reference inside this block; yields extra kwargs for `forward`/`generate`.
+
+    The per-call `adapter_names` argument selects the reference adapter without `set_adapter`,
+    which would flip `requires_grad` between the adapters.
+    """
+    if has_reference_adapter(model):
+        yield {"adapter_names": [REFERENCE_ADAPTER] * batch_size}
+    else:
+        with model.pretrained_model.disable_adapter():
+            yield {}

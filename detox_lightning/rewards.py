@@ -1,0 +1,153 @@
+"""Reward components: a text in, a score out (higher = less toxic), plus the toxicity probability.
+
+Chosen in YAML by `class_path` (`model.reward`). The same component gives the reward used by PPO
+and the toxicity probability used by evaluation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import nn
+
+from detox_lightning.builtin import resolve
+from detox_lightning.errors import ConfigError
+
+RewardText = Literal["query_response", "response"]
+
+
+class RewardModel(nn.Module, ABC):
+    """Base class: scores `query + response` (as the notebook) or the response alone.
+
+    Args:
+        text: what the reward sees: `query_response` (the notebook's `query + response`) or
+            `response` only (the summary, without the dialogue that otherwise dominates the score).
+    """
+
+    def __init__(self, text: RewardText = "query_response") -> None:
+        super().__init__()
+        if text not in ("query_response", "response"):
+            raise ConfigError(f"reward text={text!r} is not known; expected 'query_response' or 'response'")
+        self.text = text
+
+    def train(self, mode: bool = True) -> RewardModel:
+        # A judge is never trained: Lightning's model.train() must not switch its dropout on.
+        return super().train(False)
+
+    def forward(self, queries: list[str], responses: list[str]) -> torch.Tensor:
+        """Rewards (N,) float32 for each (query, response) pair."""
+        if self.text == "response":
+            texts = list(responses)
+        else:
+            texts = [q + r for q, r in zip(queries, responses, strict=True)]
+        return self.score(texts)
+
+    @abstractmethod
+    def score(self, texts: list[str]) -> torch.Tensor:
+        """Reward (N,) float32 for each text; higher means less toxic."""
+
+    @abstractmethod
+    def toxicity(self, texts: list[str]) -> torch.Tensor:
+        """Probability (N,) float32 that each text is toxic."""
+
+
+class HFClassifierReward(RewardModel):
+    """A Hugging Face sequence classifier; reward = raw logit of the label named `reward_label`.
+
+    Labels are looked up by name in the classifier's `id2label`, never by index, so a classifier
+    whose labels come in another order gives the same reward.
+
+    Args:
+        model_name_or_path: hub id, local path or `builtin:` name of the classifier.
+        reward_label: label whose raw logit is the reward.
+        toxic_label: label whose softmax probability is the toxicity.
+        text: see `RewardModel`.
+        batch_size: texts per classifier forward.
+        max_length: longer texts are truncated to this many tokens.
+        trust_remote_code: allow code shipped with the model (off unless you trust the source).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "facebook/roberta-hate-speech-dynabench-r4-target",
+        reward_label: str = "nothate",
+        toxic_label: str = "hate",
+        text: RewardText = "query_response",
+        batch_size: int = 16,
+        max_length: int = 512,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(text)
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = resolve(model_name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.classifier = AutoModelForSequenceClassification.from_pretrained(
+            path, trust_remote_code=trust_remote_code
+        )
+        self.classifier.requires_grad_(False)
+        self.classifier.eval()
+        labels = {name: int(i) for i, name in self.classifier.config.id2label.items()}
+        for flag, name in (("reward_label", reward_label), ("toxic_label", toxic_label)):
+            if name not in labels:
+                raise ConfigError(
+                    f"{flag}={name!r} is not a label of {model_name_or_path}; its labels are {sorted(labels)}"
+                )
+        self.reward_index = labels[reward_label]
+        self.toxic_index = labels[toxic_label]
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def logits(self, texts: list[str]) -> torch.Tensor:
+        """Raw classifier logits (N, num_labels) in float32, computed in batches."""
+        device = next(self.classifier.parameters()).device
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(device)
+            chunks.append(self.classifier(**enc).logits.float())
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.classifier.config.num_labels)
+
+    def score(self, texts: list[str]) -> torch.Tensor:
+        return self.logits(texts)[:, self.reward_index]
+
+    def toxicity(self, texts: list[str]) -> torch.Tensor:
+        return self.logits(texts).softmax(dim=-1)[:, self.toxic_index]
+
+
+class ProfanityCheckReward(RewardModel):
+    """`alt-profanity-check` (a linear classifier shipped on PyPI) as a reward; works offline.
+
+    reward = log-odds of "not profane" = log(1 - p) - log(p), with p clipped to [eps, 1 - eps],
+    the analogue of the hate classifier's `nothate` logit for a model that only gives p.
+
+    Args:
+        text: see `RewardModel`.
+        eps: probability clip, bounding the reward to about +-log(1/eps).
+    """
+
+    def __init__(self, text: RewardText = "query_response", eps: float = 1e-4) -> None:
+        super().__init__(text)
+        if not 0.0 < eps < 0.5:
+            raise ConfigError(f"eps={eps} must lie in (0, 0.5)")
+        from profanity_check import predict_prob
+
+        self._predict_prob = predict_prob
+        self.eps = eps
+
+    def toxicity(self, texts: list[str]) -> torch.Tensor:
+        if not texts:
+            return torch.zeros(0)
+        return torch.as_tensor(self._predict_prob(list(texts)), dtype=torch.float32)
+
+    def score(self, texts: list[str]) -> torch.Tensor:
+        p = self.toxicity(texts).double().clamp(self.eps, 1.0 - self.eps)
+        return (torch.log1p(-p) - torch.log(p)).float()
