@@ -27,6 +27,16 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:
+        cause = config_error_in(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def config_error_in(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err`: jsonargparse re-raises errors of nested classes as ValueError."""
+    while err is not None and not isinstance(err, ConfigError):
+        err = err.__cause__ or err.__context__
+    return err

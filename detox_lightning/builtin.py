@@ -1,0 +1,204 @@
+"""Tiny models and data built offline on first use, so tests run the real `from_pretrained` path.
+
+`resolve("builtin:<name>")` returns a cached directory that `AutoTokenizer`, `AutoModel*` or
+`load_dataset("json", ...)` read like any checkpoint; other strings pass through unchanged.
+"""
+
+import os
+import shutil
+import string
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from detox_lightning import sample_data
+
+PREFIX = "builtin:"
+_VERSION = "v1"  # bump when a builder's output changes, so stale caches are not reused
+_MARKER = "BUILD_COMPLETE"
+_PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
+_T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+_ROBERTA_SPECIAL = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+_TOKENIZER_VOCAB = 2000
+
+
+def cache_dir() -> Path:
+    """`$DETOX_LIGHTNING_CACHE`, else `$XDG_CACHE_HOME/detox_lightning`, else `~/.cache/detox_lightning`."""
+    if override := os.environ.get("DETOX_LIGHTNING_CACHE"):
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "detox_lightning"
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    special_tokens: dict[str, str],
+    single: str = "$A",
+    pair: str = "$A $B",
+    model_max_length: int = 512,
+) -> PreTrainedTokenizerFast:
+    """Train a BPE tokenizer with SentencePiece-style word boundaries (Metaspace) on `texts`.
+
+    Args:
+        texts: Training corpus. Newlines are kept inside tokens, so they survive a round trip.
+        vocab_size: Vocabulary size including special tokens; a small corpus may give fewer.
+        special_tokens: Role -> token, e.g. `{"pad_token": "<pad>", "eos_token": "</s>",
+            "unk_token": "<unk>"}`; tokens get ids 0, 1, ... in this order. `unk_token` is required.
+        single: Post-processor template for one text, e.g. `"$A </s>"` (T5) or `"<s> $A </s>"`.
+        pair: Post-processor template for two texts.
+        model_max_length: Length that `truncation=True` cuts to.
+    """
+    tokens = list(special_tokens.values())
+    # BPE rather than T5's Unigram: the `tokenizers` Unigram trainer gives a different vocabulary
+    # on every run, BPE the same one everywhere.
+    tokenizer = Tokenizer(models.BPE(unk_token=special_tokens["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=tokens,
+        # Every printable ASCII character gets a piece, so unseen words never become <unk>.
+        initial_alphabet=[c for c in string.printable if not c.isspace()] + ["\n"],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    template_words = {word.split(":")[0] for word in f"{single} {pair}".split()}
+    used = [t for t in tokens if t in template_words]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, tokens.index(t)) for t in used]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        **special_tokens,
+    )
+
+
+def _corpus() -> Iterator[str]:
+    """Prompts and summaries, rude ones included, as the policy and the classifier see them."""
+    for row in sample_data.make_dialogues(1000, seed=12345, toxic_fraction=0.5):
+        yield _PROMPT.format(dialogue=row["dialogue"])
+        yield row["summary"]
+
+
+def _build_sample_dialogsum(path: Path) -> None:
+    sample_data.write_splits(path)
+
+
+def _build_tiny_t5(path: Path) -> None:
+    tokenizer = train_tokenizer(
+        _corpus(), _TOKENIZER_VOCAB, _T5_SPECIAL, single="$A </s>", pair="$A </s> $B </s>", model_max_length=1024
+    )
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_ff=128,
+        d_kv=16,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.1,
+        feed_forward_proj="gated-gelu",
+        # transformers 5 forces T5's tie_word_embeddings to True; False only turns off the
+        # decoder-output scaling, as in FLAN-T5 (config.scale_decoder_outputs).
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(config)
+        # FLAN-T5 checkpoints store an lm_head separate from the embeddings; loading keeps it
+        # untied because the two tensors differ.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight))
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _build_tiny_hate_roberta(path: Path) -> None:
+    tokenizer = train_tokenizer(
+        _corpus(), _TOKENIZER_VOCAB, _ROBERTA_SPECIAL, single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>"
+    )
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        # RoBERTa positions start after the pad id; room for 1024 tokens covers untruncated policy text.
+        max_position_embeddings=1024 + 2,
+        type_vocab_size=1,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        id2label={0: "nothate", 1: "hate"},
+        label2id={"nothate": 0, "hate": 1},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = RobertaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "sample-dialogsum": _build_sample_dialogsum,
+    "tiny-t5": _build_tiny_t5,
+    "tiny-hate-roberta": _build_tiny_hate_roberta,
+}
+
+
+def known_names() -> list[str]:
+    """The accepted `builtin:` names."""
+    return [PREFIX + name for name in _BUILDERS]
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """Build into a sibling temp dir, then rename; a concurrent builder that renamed first wins."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / _MARKER).write_text(f"{target.name}\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Renaming onto a non-empty directory fails: another process (e.g. a DDP rank) finished first.
+            if not (target / _MARKER).is_file():
+                raise RuntimeError(f"{target} exists but is incomplete; delete it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name_or_path: str) -> str:
+    """Map `builtin:<name>` to its cached directory, building it first if needed.
+
+    Args:
+        name_or_path: `builtin:<name>`, or a hub id / local path, which is returned unchanged.
+    """
+    if not name_or_path.startswith(PREFIX):
+        return name_or_path
+    name = name_or_path.removeprefix(PREFIX)
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown built-in {name_or_path!r}; known: {', '.join(known_names())}")
+    target = cache_dir() / f"{name}-{_VERSION}"
+    if not (target / _MARKER).is_file():
+        _build_atomically(target, _BUILDERS[name])
+    return str(target)

@@ -1,0 +1,112 @@
+"""The PPO LightningModule on the tiny models: first-step invariants, what trains, checkpoints."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from detox_lightning import (
+    DialogSumDataModule,
+    GenerationSettings,
+    HFClassifierReward,
+    PolicyConfig,
+    PPODetoxModule,
+    PPOSettings,
+)
+from detox_lightning.errors import ConfigError
+
+
+def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, **ppo):
+    return PPODetoxModule(
+        reward=HFClassifierReward(tiny_classifier),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4),
+        ppo=PPOSettings(**({"learning_rate": 1e-2, "mini_batch_size": batch_size} | ppo)),
+        generation=GenerationSettings(output_min_length=8, output_max_length=12),
+        batch_size=batch_size,
+    )
+
+
+def fit(module, sample_data, tmp_path, iterations, batch_size=4):
+    data = DialogSumDataModule(path=sample_data, batch_size=batch_size)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=iterations,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=pl.loggers.CSVLogger(tmp_path),
+    )
+    trainer.fit(module, data)
+    return trainer
+
+
+def test_first_iteration_has_zero_kl_and_unit_ratio_from_a_trained_adapter(
+    tiny_t5, tiny_classifier, perturbed_adapter, sample_data, tmp_path
+):
+    pl.seed_everything(0)
+    module = make_module(tiny_t5, tiny_classifier, adapter=perturbed_adapter)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = fit(module, sample_data, tmp_path, iterations=1)
+    metrics = trainer.logged_metrics
+    assert abs(float(metrics["objective/kl"])) < 1e-4
+    assert float(metrics["ppo/policy/ratio_first"]) == pytest.approx(1.0, abs=1e-5)
+    # only the policy LoRA and the value head moved; the base and the reference adapter did not
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    assert any("lora_B.policy" in n for n in changed) and any("v_head" in n for n in changed)
+    assert all(".policy." in n or "v_head" in n for n in trainable)
+
+
+def test_kl_grows_after_updates_and_controller_moves(tiny_t5, tiny_classifier, sample_data, tmp_path):
+    pl.seed_everything(0)
+    module = make_module(tiny_t5, tiny_classifier, mini_batch_size=2, ppo_epochs=2)
+    fit(module, sample_data, tmp_path, iterations=2)
+    assert module.kl_ctl.value != 0.2
+
+
+def test_checkpoint_holds_only_trainable_tensors_and_controller_state(tiny_t5, tiny_classifier, sample_data, tmp_path):
+    pl.seed_everything(0)
+    module = make_module(tiny_t5, tiny_classifier)
+    trainer = fit(module, sample_data, tmp_path, iterations=1)
+    path = tmp_path / "manual.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert set(checkpoint["state_dict"]) == trainable
+    assert checkpoint["ppo_state"]["kl_controller"]["value"] == pytest.approx(module.kl_ctl.value)
+
+    fresh = make_module(tiny_t5, tiny_classifier)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    for name, param in fresh.named_parameters():
+        if name in trainable:
+            torch.testing.assert_close(param, dict(module.named_parameters())[name], rtol=0, atol=0)
+    assert fresh.kl_ctl.value == module.kl_ctl.value
+
+
+def test_checkpoint_of_another_adapter_shape_is_refused(tiny_t5, tiny_classifier):
+    small = make_module(tiny_t5, tiny_classifier)
+    other = PPODetoxModule(
+        reward=HFClassifierReward(tiny_classifier),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=8),
+        batch_size=4,
+        ppo=PPOSettings(mini_batch_size=4),
+    )
+    with pytest.raises(ConfigError, match="another base model or adapter shape"):
+        small.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"batch_size": 6, "mini_batch_size": 4}, "data.batch_size=6 is not divisible by model.ppo.mini_batch_size=4"),
+        ({"learning_rate": -1.0}, "learning_rate=-1.0 must be positive"),
+        ({"gradient_accumulation_steps": 3}, "not divisible by model.ppo.gradient_accumulation_steps=3"),
+    ],
+)
+def test_bad_settings_are_named(tiny_t5, tiny_classifier, kwargs, message):
+    batch_size = kwargs.pop("batch_size", 4)
+    with pytest.raises(ConfigError, match=message):
+        make_module(tiny_t5, tiny_classifier, batch_size=batch_size, **kwargs)

@@ -1,0 +1,112 @@
+"""Policy construction, the adapter reference, and the rollout's log-probs and values."""
+
+import pytest
+import torch
+
+from detox_lightning.errors import ConfigError
+from detox_lightning.policy import (
+    PolicyConfig,
+    build_policy,
+    count_parameters,
+    has_reference_adapter,
+    reference_mode,
+)
+from detox_lightning.rollout import logprobs_and_values, sample
+
+
+def prompts(tokenizer, n=4):
+    texts = [f"#Person1#: hello number {i}, how are you today?\n#Person2#: fine, thanks." * (1 + i) for i in range(n)]
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+def generation_kwargs(tokenizer, max_new_tokens=12):
+    return dict(do_sample=True, top_k=0, top_p=1.0, min_length=3, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def trainable_names(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fresh_lora_trains_only_policy_lora_and_value_head(tiny_t5):
+    model, _ = build_policy(PolicyConfig(model_name_or_path=tiny_t5, lora_r=4))
+    names = trainable_names(model)
+    assert names and all(("lora_" in n and ".policy." in n) or n.startswith("v_head.") for n in names)
+    assert {"v_head.summary.weight", "v_head.summary.bias"} <= names
+    assert not has_reference_adapter(model)
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+
+
+def test_starting_adapter_is_kept_frozen_as_reference_on_the_same_base(tiny_t5, perturbed_adapter):
+    model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter))
+    assert has_reference_adapter(model)
+    params = dict(model.named_parameters())
+    ref = {n for n in params if ".reference." in n}
+    assert ref and not any(params[n].requires_grad for n in ref)
+    # one copy of the base weights: no parameter of the base is duplicated
+    base_params = [n for n in params if "lora_" not in n and not n.startswith("v_head.")]
+    assert len(base_params) == len({n.replace(".base_layer", "") for n in base_params})
+
+    enc = prompts(tokenizer)
+    ids = torch.randint(3, 100, (enc.input_ids.shape[0], 6))
+    dec = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)
+    model.eval()
+    with torch.no_grad():
+        _, policy_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
+        with reference_mode(model, ids.shape[0]) as kwargs:
+            _, ref_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0, **kwargs)
+        with model.pretrained_model.disable_adapter():
+            _, base_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
+    torch.testing.assert_close(ref_lp, policy_lp)  # reference = the starting adapter ...
+    assert (base_lp - policy_lp).abs().max() > 1e-2  # ... which is not the bare base model
+    # the per-call adapter selection left requires_grad as it was
+    assert trainable_names(model) == {n for n in params if ".policy." in n and "lora_" in n} | {
+        "v_head.summary.weight",
+        "v_head.summary.bias",
+    }
+
+
+def test_unknown_lora_target_names_it_and_lists_modules(tiny_t5):
+    with pytest.raises(ConfigError, match=r"qq.*linear modules are named.*'q'"):
+        build_policy(PolicyConfig(model_name_or_path=tiny_t5, lora_target_modules=["q", "qq"]))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_adapter, temperature):
+    from detox_lightning.rollout import token_logprobs
+
+    model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter))
+    model.eval()
+    enc = prompts(tokenizer)
+    torch.manual_seed(0)
+    kwargs = generation_kwargs(tokenizer) | {"temperature": temperature}
+    samples = sample(model, enc.input_ids, enc.attention_mask, kwargs)
+    assert (samples.decoder_input_ids[:, 0] == model.pretrained_model.config.decoder_start_token_id).all()
+    assert torch.equal(samples.decoder_input_ids[:, 1:], samples.response_ids[:, :-1])
+    gen_logprobs = token_logprobs(samples.logits, samples.response_ids, temperature)
+    with torch.no_grad():
+        _, logprobs, values = logprobs_and_values(
+            model, enc.input_ids, enc.attention_mask, samples.decoder_input_ids, samples.response_ids, temperature
+        )
+    m = samples.mask
+    # float32 agreement, relative to log-probs of order -10
+    torch.testing.assert_close(gen_logprobs[m], logprobs[m], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(samples.values[m], values[m], rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_response_mask_ends_at_first_eos(tiny_t5):
+    model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, lora_r=4))
+    enc = prompts(tokenizer, n=8)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(1)
+    samples = sample(model.eval(), enc.input_ids, enc.attention_mask, generation_kwargs(tokenizer, 30))
+    for ids, mask in zip(samples.response_ids, samples.mask):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        eos_positions = (ids == eos).nonzero().flatten()
+        if len(eos_positions):
+            assert eos_positions[0] == n - 1
+        else:
+            assert n == len(ids)
+        assert (ids[n:] == tokenizer.pad_token_id).all()

@@ -1,0 +1,84 @@
+"""Reward components: labels looked up by name, toxicity = softmax of the toxic label."""
+
+import math
+
+import pytest
+import torch
+
+from detox_lightning.errors import ConfigError
+from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward
+
+TEXTS = [
+    "#Person1# tells Tommy that he didn't like the movie.",
+    "#Person1# tells Tommy that the movie was terrible, dumb and stupid.",
+    "A much longer text " * 40,
+]
+
+
+@pytest.fixture(scope="module")
+def reversed_classifier(tiny_classifier, tmp_path_factory):
+    """The same classifier with its labels in the other order (hate=0, nothate=1)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier)
+    with torch.no_grad():
+        model.classifier.out_proj.weight.copy_(model.classifier.out_proj.weight.flip(0))
+        model.classifier.out_proj.bias.copy_(model.classifier.out_proj.bias.flip(0))
+    model.config.id2label = {0: "hate", 1: "nothate"}
+    model.config.label2id = {"hate": 0, "nothate": 1}
+    path = tmp_path_factory.mktemp("reversed")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_classifier).save_pretrained(path)
+    return str(path)
+
+
+def classifier_logits(path, texts):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits, model.config.label2id
+
+
+def test_reward_is_the_logit_of_nothate_in_any_label_order(tiny_classifier, reversed_classifier):
+    reward = HFClassifierReward(tiny_classifier, text="response", batch_size=2)
+    reversed_reward = HFClassifierReward(reversed_classifier, text="response", batch_size=2)
+    logits, label2id = classifier_logits(tiny_classifier, TEXTS)
+    expected = logits[:, label2id["nothate"]]
+    torch.testing.assert_close(reward(["q"] * 3, TEXTS), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reversed_reward(["q"] * 3, TEXTS), expected, rtol=1e-5, atol=1e-5)
+    assert reversed_reward.reward_index == 1 and reward.reward_index == 0
+
+
+def test_toxicity_is_softmax_probability_of_hate(tiny_classifier, reversed_classifier):
+    logits, label2id = classifier_logits(tiny_classifier, TEXTS)
+    expected = logits.softmax(-1)[:, label2id["hate"]]
+    for path in (tiny_classifier, reversed_classifier):
+        torch.testing.assert_close(HFClassifierReward(path).toxicity(TEXTS), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reward_text_query_response_concatenates_like_the_notebook(tiny_classifier):
+    both = HFClassifierReward(tiny_classifier, text="query_response")
+    torch.testing.assert_close(both(["Summary: ", "x"], ["ok", "y"]), both.score(["Summary: ok", "xy"]))
+
+
+def test_unknown_reward_label_lists_the_labels(tiny_classifier):
+    with pytest.raises(ConfigError, match=r"reward_label='not_hate'.*\['hate', 'nothate'\]"):
+        HFClassifierReward(tiny_classifier, reward_label="not_hate")
+
+
+def test_reward_model_stays_in_eval_mode(tiny_classifier):
+    reward = HFClassifierReward(tiny_classifier)
+    reward.train()
+    assert not reward.classifier.training
+
+
+def test_profanity_check_reward_is_log_odds_of_clean():
+    reward = ProfanityCheckReward(text="response")
+    p = reward.toxicity(TEXTS[:2])
+    assert p[1] > 0.5 > p[0]
+    scores = reward(["", ""], TEXTS[:2])
+    expected = [math.log((1 - float(pi)) / float(pi)) for pi in p]
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-4, atol=1e-4)
+    assert scores[0] > scores[1]
