@@ -366,6 +366,10 @@ class PPODetoxModule(pl.LightningModule):
         for name, value in stats.items():
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=self.batch_size)
 
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Nothing per batch: `python train.py test` is evaluated as a whole by the
+        `ToxicityEvaluation` callback (same prompts, seed and pairing as during fit)."""
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.ppo.learning_rate, weight_decay=self.ppo.weight_decay)

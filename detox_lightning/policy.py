@@ -35,6 +35,9 @@ class PolicyConfig:
         adapter_name_or_path: a LoRA adapter to start from (hub id or path, e.g. the notebook's
             summarization checkpoint); it is loaded trainable as the policy and frozen as the
             reference, and its own LoRA settings apply. None: a fresh LoRA with the settings below.
+        reference_adapter_name_or_path: the frozen reference, when it is not the starting adapter:
+            an adapter path, or `base` for the base model with adapters disabled (e.g. to evaluate
+            an exported adapter against plain FLAN-T5). None: the starting adapter (or `base`).
         dtype: dtype of the base weights (`bfloat16` as the notebook, for GPUs); LoRA weights and
             the value head stay float32.
         lora_r: LoRA rank.
@@ -46,6 +49,7 @@ class PolicyConfig:
 
     model_name_or_path: str = "google/flan-t5-base"
     adapter_name_or_path: str | None = None
+    reference_adapter_name_or_path: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora_r: int = 32
     lora_alpha: int = 32
@@ -94,7 +98,9 @@ def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead,
     else:
         adapter = resolve(cfg.adapter_name_or_path)
         peft_model = PeftModel.from_pretrained(base, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
-        peft_model.load_adapter(adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    reference = cfg.reference_adapter_name_or_path or cfg.adapter_name_or_path
+    if reference is not None and reference != "base":
+        peft_model.load_adapter(resolve(reference), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         # set_adapter also hands requires_grad to the active adapter; the policy is the one to train.
         peft_model.set_adapter(POLICY_ADAPTER)
     model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model)
@@ -103,7 +109,7 @@ def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead,
     trainable, total = count_parameters(model)
     rank_zero_info(
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
-        f"reference: {'frozen starting adapter' if has_reference_adapter(model) else 'base, adapters disabled'}"
+        f"reference: {'frozen adapter ' + str(reference) if has_reference_adapter(model) else 'base, adapters disabled'}"
     )
     return model, tokenizer
 

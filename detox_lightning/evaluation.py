@@ -1,0 +1,376 @@
+"""Toxicity before/after with a paired bootstrap CI, a ROUGE guard, the notebook's table, a JSON
+report and the exported adapter, as one Lightning callback.
+
+The same held-out prompts are generated with the same seed before training (the frozen reference),
+every N PPO iterations and at the end (the policy), so each prompt gives a before/after pair.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from detox_lightning.errors import ConfigError
+from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
+from detox_lightning.policy import POLICY_ADAPTER
+from detox_lightning.rewards import RewardModel
+
+TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
+
+
+@dataclass
+class Outputs:
+    """One evaluation's per-sample figures; arrays are (prompts, samples_per_prompt)."""
+
+    queries: list[str]
+    responses: list[list[str]]
+    toxicity: np.ndarray
+    reward: np.ndarray
+    length: np.ndarray
+    judge_toxicity: np.ndarray | None
+    rouge: dict[str, np.ndarray] | None
+
+
+class ToxicityEvaluation(Callback):
+    """Evaluate toxicity (and ROUGE) before, during and after PPO; write table, report and adapter.
+
+    Args:
+        num_prompts: held-out prompts from the data module's test split (capped, with a warning,
+            at the split's size).
+        every_n_iterations: also evaluate every N PPO iterations; 0: only before and after.
+        max_new_tokens: response cap (the notebook's evaluation uses 100).
+        samples_per_prompt: responses per prompt; a prompt's toxicity is their mean.
+        seed: generation seed, the same for every evaluation so before and after are paired.
+        text: what is scored: `query_response` (`query + " " + response`, the notebook's
+            evaluation) or `response` (the summary alone).
+        judge: a second classifier (e.g. ProfanityCheckReward) that also scores the responses, to
+            reveal reward hacking; None: the reward component only.
+        table_rows: prompts in the before/after table.
+        bootstrap_resamples: resamples of the paired bootstrap.
+        batch_size: prompts per generate call.
+        export_adapter: at fit end, save the trained adapter to `<log_dir>/adapter`.
+    """
+
+    def __init__(
+        self,
+        num_prompts: int = 256,
+        every_n_iterations: int = 0,
+        max_new_tokens: int = 100,
+        samples_per_prompt: int = 1,
+        seed: int = 1234,
+        text: Literal["query_response", "response"] = "query_response",
+        judge: RewardModel | None = None,
+        table_rows: int = 20,
+        bootstrap_resamples: int = 2000,
+        batch_size: int = 16,
+        export_adapter: bool = True,
+    ) -> None:
+        problems = [
+            f"{name}={value} must be at least {low}"
+            for name, value, low in (
+                ("num_prompts", num_prompts, 2),
+                ("every_n_iterations", every_n_iterations, 0),
+                ("max_new_tokens", max_new_tokens, 1),
+                ("samples_per_prompt", samples_per_prompt, 1),
+                ("bootstrap_resamples", bootstrap_resamples, 1),
+                ("batch_size", batch_size, 1),
+            )
+            if value < low
+        ]
+        if text not in ("query_response", "response"):
+            problems.append(f"text={text!r} must be 'query_response' or 'response'")
+        if problems:
+            raise ConfigError("ToxicityEvaluation: " + "; ".join(problems))
+        self.num_prompts = num_prompts
+        self.every_n_iterations = every_n_iterations
+        self.max_new_tokens = max_new_tokens
+        self.samples_per_prompt = samples_per_prompt
+        self.seed = seed
+        self.text = text
+        self.judge = judge
+        self.table_rows = table_rows
+        self.bootstrap_resamples = bootstrap_resamples
+        self.batch_size = batch_size
+        self.export_adapter = export_adapter
+        self.before: Outputs | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- generation and scoring ----
+
+    def prompt_batches(self, trainer: pl.Trainer, device: torch.device) -> list[dict]:
+        data = trainer.datamodule
+        if data.test_dataset is None:
+            data.setup("test")
+        n = self.num_prompts
+        if n > len(data.test_dataset):
+            rank_zero_warn(
+                f"ToxicityEvaluation: num_prompts={n} exceeds the {len(data.test_dataset)} test prompts; using all of them"
+            )
+            n = len(data.test_dataset)
+        rows = data.test_dataset.select(range(n))
+        batches = []
+        for start in range(0, n, self.batch_size):
+            batch = data.collate([rows[i] for i in range(start, min(start + self.batch_size, n))])
+            batch["input_ids"] = batch["input_ids"].to(device)
+            batch["attention_mask"] = batch["attention_mask"].to(device)
+            batches.append(batch)
+        return batches
+
+    @torch.no_grad()
+    def generate_and_score(self, trainer: pl.Trainer, module: pl.LightningModule, reference: bool) -> Outputs:
+        """Sample every prompt `samples_per_prompt` times under a fixed seed, then score."""
+        batches = self.prompt_batches(trainer, module.device)
+        k = self.samples_per_prompt
+        queries, summaries, responses, lengths = [], [], [], []
+        devices = [module.device] if module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            for batch in batches:
+                per_sample = []
+                for _ in range(k):
+                    samples = module.sample(
+                        batch["input_ids"], batch["attention_mask"], self.max_new_tokens, reference=reference
+                    )
+                    per_sample.append((module.decode(samples.response_ids), samples.mask.sum(dim=1).tolist()))
+                queries += batch["query"]
+                summaries += batch.get("summary") or [None] * len(batch["query"])
+                for i in range(len(batch["query"])):
+                    responses.append([texts[i] for texts, _ in per_sample])
+                    lengths.append([lens[i] for _, lens in per_sample])
+        flat_q = [q for q in queries for _ in range(k)]
+        flat_r = [r for rs in responses for r in rs]
+        texts = [q + " " + r for q, r in zip(flat_q, flat_r, strict=True)] if self.text == "query_response" else flat_r
+        shape = (len(queries), k)
+
+        def toxicity(scorer: RewardModel) -> np.ndarray:
+            values = Toxicity(scorer.toxicity, keep_in_memory=True).compute(predictions=texts)["toxicity"]
+            return np.asarray(values).reshape(shape)
+
+        rouge = None
+        if any(s is None for s in summaries):
+            rank_zero_warn("ToxicityEvaluation: the test split has no 'summary' column; ROUGE is skipped")
+        else:
+            refs = [s for s in summaries for _ in range(k)]
+            scores = Rouge(keep_in_memory=True).compute(predictions=flat_r, references=refs)
+            rouge = {name: np.asarray(v).reshape(shape) for name, v in scores.items()}
+        return Outputs(
+            queries=queries,
+            responses=responses,
+            toxicity=toxicity(module.reward),
+            reward=module.reward(flat_q, flat_r).cpu().numpy().reshape(shape),
+            length=np.asarray(lengths, dtype=np.float64),
+            judge_toxicity=toxicity(self.judge) if self.judge is not None else None,
+            rouge=rouge,
+        )
+
+    # ---- figures ----
+
+    def compare(self, after: Outputs) -> dict[str, float]:
+        """Flat `eval/...` metrics of `after`, with deltas against `self.before`."""
+        before = self.before
+        metrics = {}
+        scored = [("toxicity", before.toxicity, after.toxicity)]
+        if after.judge_toxicity is not None:
+            scored.append(("judge_toxicity", before.judge_toxicity, after.judge_toxicity))
+        for name, b, a in scored:
+            stats_b, stats_a = summarize(b), summarize(a)
+            for key, value in stats_a.items():
+                metrics[f"eval/{name}_{key}"] = value
+            delta, low, high = paired_bootstrap_ci(
+                b.mean(axis=1), a.mean(axis=1), resamples=self.bootstrap_resamples, seed=self.seed
+            )
+            metrics[f"eval/{name}_delta"] = delta
+            metrics[f"eval/{name}_delta_ci_low"] = low
+            metrics[f"eval/{name}_delta_ci_high"] = high
+            metrics[f"eval/{name}_mean_improvement_pct"] = improvement_pct(stats_b["mean"], stats_a["mean"])
+            metrics[f"eval/{name}_std_improvement_pct"] = improvement_pct(stats_b["std"], stats_a["std"])
+        metrics["eval/reward_mean"] = float(after.reward.mean())
+        metrics["eval/response_len_mean"] = float(after.length.mean())
+        if after.rouge is not None:
+            for name, values in after.rouge.items():
+                metrics[f"eval/{name}"] = float(values.mean())
+                metrics[f"eval/{name}_delta"] = float(values.mean() - before.rouge[name].mean())
+        return metrics
+
+    def describe(self, label: str, metrics: dict[str, float], n: int) -> str:
+        """One line: mean toxicity with its CI against before, ROUGE-L and length."""
+        m = metrics
+        line = (
+            f"eval {label} ({n} prompts x {self.samples_per_prompt}): toxicity {m['eval/toxicity_mean']:.4f} "
+            f"± {m['eval/toxicity_std']:.4f}, delta {m['eval/toxicity_delta']:+.4f} "
+            f"[95% CI {m['eval/toxicity_delta_ci_low']:+.4f}, {m['eval/toxicity_delta_ci_high']:+.4f}], "
+            f"improvement {m['eval/toxicity_mean_improvement_pct']:.1f}% mean / "
+            f"{m['eval/toxicity_std_improvement_pct']:.1f}% std, >0.5: {m['eval/toxicity_frac_above_0.5']:.1%}"
+        )
+        if "eval/judge_toxicity_mean" in m:
+            line += (
+                f" | judge {m['eval/judge_toxicity_mean']:.4f}, delta {m['eval/judge_toxicity_delta']:+.4f} "
+                f"[{m['eval/judge_toxicity_delta_ci_low']:+.4f}, {m['eval/judge_toxicity_delta_ci_high']:+.4f}]"
+            )
+        if "eval/rougeL" in m:
+            line += f" | ROUGE-L {m['eval/rougeL']:.4f} ({m['eval/rougeL_delta']:+.4f})"
+        return line + f" | length {m['eval/response_len_mean']:.1f}"
+
+    def table(self, after: Outputs) -> list[dict]:
+        """The notebook's before/after table: first `table_rows` prompts, sorted by reward gain."""
+        rows = []
+        for i in range(min(self.table_rows, len(after.queries))):
+            rb, ra = float(self.before.reward[i, 0]), float(after.reward[i, 0])
+            rows.append(
+                dict(zip(TABLE_COLUMNS, [after.queries[i], self.before.responses[i][0], after.responses[i][0], rb, ra, ra - rb]))
+            )
+        return sorted(rows, key=lambda r: r["reward_diff"], reverse=True)
+
+    # ---- hooks ----
+
+    def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, label: str) -> dict[str, float]:
+        after = self.generate_and_score(trainer, module, reference=False)
+        metrics = self.compare(after)
+        self.last_metrics, self.last_outputs = metrics, after
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        rank_zero_info(self.describe(label, metrics, len(after.queries)))
+        return metrics
+
+    def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if self.judge is not None:
+            self.judge.to(module.device)
+        # The reference, not the policy: after a resume the policy has already moved.
+        self.before = self.generate_and_score(trainer, module, reference=True)
+        self.before_metrics = self.compare(self.before)
+        for logger in trainer.loggers:
+            logger.log_metrics(self.before_metrics, step=0)
+        rank_zero_info(self.describe("before", self.before_metrics, len(self.before.queries)))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Iterations done, counting this one (Lightning increments its counter after this hook);
+        # restored on resume, unlike a count kept here.
+        iteration = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+        if self.every_n_iterations and iteration % self.every_n_iterations == 0:
+            self.evaluate(trainer, pl_module, iteration, f"iteration {iteration}")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        iteration = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.finish(trainer, pl_module, iteration, f"after {iteration} iterations")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `python train.py test --ckpt_path ...`: the checkpoint's policy against the reference.
+        self.start(trainer, pl_module)
+        self.finish(trainer, pl_module, 0, "checkpoint", export=False)
+
+    def finish(self, trainer, module, step: int, label: str, export: bool | None = None) -> None:
+        self.evaluate(trainer, module, step, label)
+        if not trainer.is_global_zero:
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = self.table(self.last_outputs)
+        write_csv(out_dir / "toxicity_table.csv", rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("eval/before_after", markdown_table(rows), step)
+        report = self.report(trainer, module, step)
+        (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2, default=str))
+        if self.export_adapter if export is None else export:
+            export_adapter(module, out_dir / "adapter", model_card(module, report))
+            rank_zero_info(f"adapter, report and table written to {out_dir}")
+
+    def report(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> dict:
+        import lightning
+        import peft
+        import transformers
+        import trl
+
+        config_file = Path(trainer.log_dir or "") / "config.yaml"
+        return {
+            "iteration": step,
+            "num_prompts": len(self.before.queries),
+            "samples_per_prompt": self.samples_per_prompt,
+            "seed": self.seed,
+            "scored_text": self.text,
+            "max_new_tokens": self.max_new_tokens,
+            "before": self.before_metrics,
+            "after": self.last_metrics,
+            "policy": asdict(module.policy_config),
+            "reward": type(module.reward).__name__,
+            "judge": type(self.judge).__name__ if self.judge is not None else None,
+            "config": config_file.read_text() if config_file.is_file() else None,
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                "trl": trl.__version__,
+            },
+        }
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def cell(value) -> str:
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def model_card(module: pl.LightningModule, report: dict) -> str:
+    before, after = report["before"], report["after"]
+    return (
+        "# Detoxified summarisation adapter (detox_lightning)\n\n"
+        f"- base model: `{module.policy_config.model_name_or_path}`\n"
+        f"- starting adapter: `{module.policy_config.adapter_name_or_path}`\n"
+        "- data: DialogSum-format dialogues, summarisation prompt\n"
+        f"- method: PPO with a KL penalty towards the starting policy; reward: {report['reward']}\n"
+        f"- evaluation ({report['num_prompts']} held-out prompts x {report['samples_per_prompt']}, seed {report['seed']}): "
+        f"toxicity {before['eval/toxicity_mean']:.4f} -> {after['eval/toxicity_mean']:.4f}, "
+        f"delta {after['eval/toxicity_delta']:+.4f} [95% CI {after['eval/toxicity_delta_ci_low']:+.4f}, "
+        f"{after['eval/toxicity_delta_ci_high']:+.4f}]"
+        + (f", ROUGE-L {before['eval/rougeL']:.4f} -> {after['eval/rougeL']:.4f}" if "eval/rougeL" in after else "")
+        + "\n\nLoad with `PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), this_dir)`.\n"
+        "`value_head.safetensors` holds the PPO value head (not needed for generation).\n"
+    )
+
+
+def export_adapter(module: pl.LightningModule, directory: Path, card: str) -> None:
+    """The policy adapter in PEFT format (safetensors) + tokenizer + value head + model card."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        module.policy.pretrained_model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        staged = Path(tmp) / POLICY_ADAPTER  # peft saves a non-default adapter in a sub-folder
+        module.tokenizer.save_pretrained(staged)
+        v_head = {k: v.detach().contiguous().cpu() for k, v in module.policy.v_head.state_dict().items()}
+        save_file(v_head, str(staged / "value_head.safetensors"))
+        (staged / "README.md").write_text(card)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staged.rename(directory)
