@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
+from detox_lightning.checkpointing import load_checkpoint_file
 from detox_lightning.data import DialogSumDataModule
 from detox_lightning.errors import ConfigError
+from detox_lightning.module import NonFiniteError
+
+CKPT_SPECIAL = ("last", "best", "hpc", "registry")
 
 
 class DetoxCLI(LightningCLI):
@@ -17,22 +26,77 @@ class DetoxCLI(LightningCLI):
         # The PPO batch is the DataLoader batch: one setting, read by both.
         parser.link_arguments("data.batch_size", "model.init_args.batch_size")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI (2.6.6) torch.loads an explicit ckpt_path here, before any hook, to re-read
+        # saved hyper-parameters: a missing or corrupted file would end in a raw traceback. Check it
+        # first (ConfigError naming the file); our checkpoints hold no hyper-parameters to re-read.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is None or str(ckpt_path) in CKPT_SPECIAL or "://" in str(ckpt_path):
+            return super()._parse_ckpt_path()
+        if load_checkpoint_file(ckpt_path).get("hyper_parameters"):
+            super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """Refuse an unwritable output dir before anything is written; load checkpoints weights-only."""
+        config = self.config_init[self.subcommand]
+        check_writable(self.trainer.default_root_dir, "trainer.default_root_dir")
+        for logger in self.trainer.loggers:
+            if logger.save_dir:
+                check_writable(logger.save_dir, "trainer.logger save_dir")
+        if config.get("weights_only") is None:
+            config["weights_only"] = True  # tensors and plain data only; what torch >= 2.6 defaults to
+
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; bad input ends with one `error: ...` line on stderr and exit code 2."""
+    # Parse errors are raised, not printed after a page of usage, so they get the one-line treatment.
+    no_exit = {"exit_on_error": False}
     try:
         DetoxCLI(
             datamodule_class=DialogSumDataModule,
             subclass_mode_model=True,
+            auto_configure_optimizers=False,  # each module builds its own optimizer (PPO steps it by hand)
             save_config_kwargs={"overwrite": True},
+            parser_kwargs=no_exit | {name: no_exit for name in DetoxCLI.subcommands()},
             args=args,
         )
-    except ValueError as err:
+    except (ValueError, ArgumentError) as err:
         cause = config_error_in(err)
-        if cause is None:
+        if cause is None and not isinstance(err, ArgumentError):
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        message = cause if cause is not None else parser_error_line(err)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parser_error_line(err: ArgumentError) -> str:
+    """jsonargparse's multi-line report as one line: the unknown keys, or the first problem."""
+    text = str(err)
+    key = re.match(r'Parser key "([^"]+)"', text)
+    unknown = re.search(r"unrecognized arguments: (.+)", text)
+    if unknown:
+        where = f" under {key.group(1)!r}" if key else ""
+        return f"unknown setting {unknown.group(1).strip()}{where}; see `python train.py fit --help`"
+    return " ".join(text.split())[:500]
+
+
+def check_writable(path: str | os.PathLike, flag: str) -> None:
+    """Raise a ConfigError unless `path` is, or can be created as, a writable directory."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}={str(path)!r} cannot be created: {str(existing)!r} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{flag}={str(path)!r} is not writable ({err.strerror}: {str(existing)!r})") from err
 
 
 def config_error_in(err: BaseException | None) -> ConfigError | None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from detox_lightning.builtin import resolve
+from detox_lightning.checkpointing import EpochSeededSampler, ResumableDataLoader
 from detox_lightning.errors import ConfigError
 
 NOTEBOOK_PROMPT = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
@@ -174,15 +176,23 @@ class DialogSumDataModule(pl.LightningDataModule):
         return out
 
     def train_dataloader(self) -> DataLoader:
-        # Whole batches only: every PPO iteration sees batch_size prompts.
-        return DataLoader(
+        # Whole batches only: every PPO iteration sees batch_size prompts. The order is fixed by
+        # (seed, epoch) and the loader records its position, so a resumed run continues at the next
+        # batch; the seed is the one `seed_everything` set, and a checkpoint carries it.
+        seed = torch.initial_seed() % 2**62
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochSeededSampler(len(self.train_dataset), seed),
             drop_last=True,
             collate_fn=self.collate,
             num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(seed),  # worker seeds; leaves the global RNG alone
         )
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_dataset, batch_size=self.batch_size, collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        # The held-out split; only modules with a validation_step (the SFT stage) use it.
+        return self.test_dataloader()

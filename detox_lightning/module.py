@@ -6,14 +6,18 @@ and `rewards`.
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from detox_lightning import ppo_math
+from detox_lightning.checkpointing import capture_rng_states, ppo_iterations, restore_rng_states
 from detox_lightning.errors import ConfigError
 from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
 from detox_lightning.rewards import RewardModel
@@ -75,6 +79,9 @@ class PPOSettings:
             (KL 0, ratio 1). False: dropout on in the update, as the notebook.
         logprobs_from_generate: take rollout log-probs and values from `generate`'s own logits and
             hidden states instead of a second forward pass.
+        max_consecutive_skips: an iteration whose rewards, advantages, loss or updated weights are
+            NaN/inf is skipped (no update kept; counted in `ppo/skipped_iterations`); the run stops
+            with an error when this many iterations in a row were skipped.
     """
 
     learning_rate: float = 1.41e-5
@@ -98,6 +105,11 @@ class PPOSettings:
     missing_eos_penalty: float | None = None
     disable_dropout: bool = True
     logprobs_from_generate: bool = True
+    max_consecutive_skips: int = 3
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive_skips < 1:
+            raise ConfigError(f"model.ppo.max_consecutive_skips={self.max_consecutive_skips} must be at least 1")
 
 
 @dataclass
@@ -154,6 +166,38 @@ def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSett
         raise ConfigError("; ".join(problems))
 
 
+class NonFiniteError(RuntimeError):
+    """Training diverged: too many PPO iterations in a row had NaN/inf rewards, advantages or loss."""
+
+
+@dataclass
+class SkipCounter:
+    """Iterations skipped for non-finite values: in total and in a row (both saved in checkpoints)."""
+
+    total: int = 0
+    consecutive: int = 0
+
+    def skip(self, parts: list[str], max_consecutive: int) -> None:
+        self.total += 1
+        self.consecutive += 1
+        rank_zero_warn(f"PPO iteration skipped: non-finite {', '.join(parts)} ({self.consecutive} in a row)")
+        if self.consecutive >= max_consecutive:
+            raise NonFiniteError(
+                f"{self.consecutive} PPO iterations in a row had non-finite {', '.join(parts)} "
+                f"(model.ppo.max_consecutive_skips={max_consecutive}); the adapter was left as before them. "
+                f"Check the reward component, or lower model.ppo.learning_rate"
+            )
+
+
+def nonfinite_parts(exp: Experience, stats: dict[str, float]) -> list[str]:
+    """Names of the rollout quantities that hold NaN/inf (an empty list when all are finite)."""
+    bad = [name for name in ("env/reward_mean", "ppo/scores_mean", "objective/kl") if not math.isfinite(stats[name])]
+    for name in ("logprobs", "values", "advantages", "returns"):
+        if not torch.isfinite(getattr(exp, name)).all():
+            bad.append(name)
+    return bad
+
+
 class PPODetoxModule(pl.LightningModule):
     """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
 
@@ -184,6 +228,8 @@ class PPODetoxModule(pl.LightningModule):
         else:
             self.kl_ctl = ppo_math.FixedKLController(ppo.init_kl_coef)
         self.score_moments = ppo_math.RunningMoments()
+        self.skips = SkipCounter()
+        self._resumed_rng = None  # RNG states of a checkpoint, set at its first iteration
 
     # ---- generation (also used by the evaluation callbacks) ----
 
@@ -355,16 +401,85 @@ class PPODetoxModule(pl.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.restore_resumed_rng()
+        guard = self.skips
+        before = self.snapshot()
         t0 = time.perf_counter()
         experience, stats = self.make_experience(batch)
         t1 = time.perf_counter()
-        stats.update(self.ppo_update(experience))
+        bad = nonfinite_parts(experience, stats)
+        if not bad:
+            stats.update(self.ppo_update(experience))
+            bad = [] if math.isfinite(stats["ppo/loss/total"]) else ["loss"]
+            if not all(torch.isfinite(p).all() for p in self.trainable_parameters().values()):
+                bad.append("updated weights")
         t2 = time.perf_counter()
-        # 7. adapt the KL coefficient to the KL of this batch
-        self.kl_ctl.update(stats["objective/kl"], self.batch_size * self.trainer.world_size)
+        if bad:
+            # A poisoned iteration leaves no trace: weights, optimizer and score statistics roll back.
+            # Its statistics are still logged (NaN where they were), so the plots show what happened.
+            self.restore(before)
+            guard.skip(bad, self.ppo.max_consecutive_skips)
+        else:
+            guard.consecutive = 0
+            # 7. adapt the KL coefficient to the KL of this batch
+            self.kl_ctl.update(stats["objective/kl"], self.batch_size * self.trainer.world_size)
+        stats["ppo/skipped_iterations"] = guard.total
         stats["time/rollout"], stats["time/update"] = t1 - t0, t2 - t1
         for name, value in stats.items():
             self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=self.batch_size)
+
+    # ---- restartable and guarded iterations (helpers of training_step and the checkpoint hooks) ----
+
+    def restore_resumed_rng(self) -> None:
+        """Set the RNG states saved with the checkpoint, at the first iteration after a resume.
+
+        Done here rather than at load time, because Lightning draws from the global RNG between
+        loading and the first batch; this way iteration k+1 samples as in an uninterrupted run.
+        """
+        if self._resumed_rng is not None:
+            restore_rng_states(self._resumed_rng)
+            self._resumed_rng = None
+
+    def snapshot(self) -> dict:
+        """What one iteration changes: trainable weights, optimizer state, score statistics."""
+        return {
+            "weights": {name: p.detach().clone() for name, p in self.trainable_parameters().items()},
+            "optimizer": copy.deepcopy(self.optimizers().optimizer.state_dict()),
+            "score_moments": self.score_moments.state_dict(),
+        }
+
+    def restore(self, snapshot: dict) -> None:
+        with torch.no_grad():
+            for name, param in self.trainable_parameters().items():
+                param.copy_(snapshot["weights"][name])
+        optimizer = self.optimizers().optimizer
+        optimizer.load_state_dict(snapshot["optimizer"])
+        optimizer.zero_grad()
+        self.score_moments.load_state_dict(snapshot["score_moments"])
+
+    def base_fingerprint(self) -> dict:
+        """Identifies the frozen base model: its shape settings and a checksum of its embeddings."""
+        if not hasattr(self, "_base_fingerprint"):
+            config = self.policy.pretrained_model.config
+            keys = ("model_type", "vocab_size", "d_model", "d_ff", "num_layers", "num_decoder_layers", "num_heads")
+            fingerprint = {k: getattr(config, k, None) for k in keys}
+            embeddings = self.policy.pretrained_model.get_input_embeddings().weight
+            fingerprint["embedding_abs_sum"] = float(embeddings.detach().double().abs().sum())
+            self._base_fingerprint = fingerprint
+        return dict(self._base_fingerprint)
+
+    def check_base_fingerprint(self, saved: dict) -> None:
+        own = self.base_fingerprint()
+        differ = [k for k in own if k != "embedding_abs_sum" and saved.get(k) != own[k]]
+        a, b = saved.get("embedding_abs_sum"), own["embedding_abs_sum"]
+        if a is not None and not math.isclose(a, b, rel_tol=1e-3):  # bf16 vs fp32 agree to ~1e-4
+            differ.append("embedding_abs_sum")
+        if differ:
+            pairs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs model {own[k]!r}" for k in differ)
+            raise ConfigError(
+                f"checkpoint was saved for another base model than model.policy.model_name_or_path="
+                f"{self.policy_config.model_name_or_path!r} ({pairs})"
+            )
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Nothing per batch: `python train.py test` is evaluated as a whole by the
@@ -410,15 +525,27 @@ class PPODetoxModule(pl.LightningModule):
                 param.copy_(state_dict[name])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain tensors, numbers and strings only: the file loads with torch.load(weights_only=True).
+        guard = self.skips
         checkpoint["ppo_state"] = {
             "kl_controller": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
             "policy": asdict(self.policy_config),
+            "base_model": self.base_fingerprint(),
+            "iterations": ppo_iterations(self.trainer) if self._trainer is not None else 0,
+            "skipped_iterations": guard.total,
+            "consecutive_skips": guard.consecutive,
+            "rng": capture_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("ppo_state")
         if state is None:
             raise ConfigError("the checkpoint has no 'ppo_state': it was not written by PPODetoxModule")
+        if "base_model" in state:
+            self.check_base_fingerprint(state["base_model"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
+        guard = self.skips
+        guard.total, guard.consecutive = state.get("skipped_iterations", 0), state.get("consecutive_skips", 0)
+        self._resumed_rng = state.get("rng")
