@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from detox_lightning.errors import ConfigError
 from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
-from detox_lightning.policy import POLICY_ADAPTER
+from detox_lightning.policy import save_adapter
 from detox_lightning.rewards import RewardModel
 
 TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
@@ -359,18 +357,6 @@ def model_card(module: pl.LightningModule, report: dict) -> str:
 
 
 def export_adapter(module: pl.LightningModule, directory: Path, card: str) -> None:
-    """The policy adapter in PEFT format (safetensors) + tokenizer + value head + model card."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-        module.policy.pretrained_model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
-        staged = Path(tmp) / POLICY_ADAPTER  # peft saves a non-default adapter in a sub-folder
-        module.tokenizer.save_pretrained(staged)
-        v_head = {k: v.detach().contiguous().cpu() for k, v in module.policy.v_head.state_dict().items()}
-        save_file(v_head, str(staged / "value_head.safetensors"))
-        (staged / "README.md").write_text(card)
-        if directory.exists():
-            shutil.rmtree(directory)
-        staged.rename(directory)
+    """The policy adapter (PEFT, safetensors) + tokenizer + model card + the PPO value head."""
+    extra = {"value_head.safetensors": module.policy.v_head.state_dict()}
+    save_adapter(module.policy.pretrained_model, module.tokenizer, directory, card, extra)

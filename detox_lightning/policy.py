@@ -9,8 +9,11 @@ memory stay about 1x the base model.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -70,11 +73,12 @@ def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
         )
 
 
-def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead, object]:
-    """Load base model, LoRA adapter(s) and value head; only the policy LoRA and value head train.
+def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
+    """Base model with the trainable "policy" LoRA (fresh or from an adapter) and, if asked, the
+    frozen "reference" adapter.
 
     Returns:
-        the value-head model (its `pretrained_model` is the `PeftModel`) and the tokenizer.
+        the `PeftModel`, the tokenizer, and the reference's source (None: base, adapters disabled).
     """
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -98,20 +102,55 @@ def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead,
     else:
         adapter = resolve(cfg.adapter_name_or_path)
         peft_model = PeftModel.from_pretrained(base, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
-    reference = cfg.reference_adapter_name_or_path or cfg.adapter_name_or_path
-    if reference is not None and reference != "base":
+    reference = (cfg.reference_adapter_name_or_path or cfg.adapter_name_or_path) if with_reference else None
+    if reference == "base":
+        reference = None
+    if reference is not None:
         peft_model.load_adapter(resolve(reference), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         # set_adapter also hands requires_grad to the active adapter; the policy is the one to train.
         peft_model.set_adapter(POLICY_ADAPTER)
+    return peft_model, tokenizer, reference
+
+
+def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead, object]:
+    """Load base model, LoRA adapter(s) and value head; only the policy LoRA and value head train.
+
+    Returns:
+        the value-head model (its `pretrained_model` is the `PeftModel`) and the tokenizer.
+    """
+    peft_model, tokenizer, reference = load_lora_model(cfg)
     model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model)
     model.v_head.float()
     freeze_all_but_policy(model)
     trainable, total = count_parameters(model)
     rank_zero_info(
         f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%); "
-        f"reference: {'frozen adapter ' + str(reference) if has_reference_adapter(model) else 'base, adapters disabled'}"
+        f"reference: {'frozen adapter ' + str(reference) if reference else 'base, adapters disabled'}"
     )
     return model, tokenizer
+
+
+def save_adapter(peft_model, tokenizer, directory: str | Path, card: str, extra: dict | None = None) -> Path:
+    """The policy adapter in PEFT format (safetensors) + tokenizer + model card, written atomically.
+
+    `PeftModel.from_pretrained(base, directory)` loads it. `extra` maps file names to tensor dicts
+    saved as safetensors beside it (e.g. the PPO value head).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        staged = Path(tmp) / POLICY_ADAPTER  # peft saves a non-default adapter in a sub-folder
+        tokenizer.save_pretrained(staged)
+        for name, tensors in (extra or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staged / name))
+        (staged / "README.md").write_text(card)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staged.rename(directory)
+    return directory
 
 
 def freeze_all_but_policy(model: AutoModelForSeq2SeqLMWithValueHead) -> None:
