@@ -1,0 +1,116 @@
+"""Supervised summarisation stage (the course's previous lab): LoRA on dialogue -> summary pairs.
+
+Its exported adapter is what the PPO stage starts from (`policy.adapter_name_or_path`), and is
+then also the PPO reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from detox_lightning.errors import ConfigError
+from detox_lightning.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
+
+
+class SFTSummarizationModule(pl.LightningModule):
+    """Teacher-forced LoRA fine-tuning on the data module's prompts and reference summaries.
+
+    Args:
+        policy: base model and LoRA settings (same defaults as the PPO stage).
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_target_tokens: reference summaries are truncated to this many tokens.
+        adapter_dir: where the trained adapter goes at fit end; None: `<log_dir>/adapter`.
+        sample_prompts: held-out prompts whose greedy summaries are printed at fit end.
+        batch_size: prompts per step (linked from `data.batch_size`).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig = PolicyConfig(),  # noqa: B008 - a read-only config
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        max_target_tokens: int = 128,
+        adapter_dir: str | None = None,
+        sample_prompts: int = 3,
+        batch_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if learning_rate <= 0:
+            raise ConfigError(f"model.learning_rate={learning_rate} must be positive")
+        if max_target_tokens < 1:
+            raise ConfigError(f"model.max_target_tokens={max_target_tokens} must be at least 1")
+        self.policy_config = policy
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+        self.max_target_tokens, self.adapter_dir, self.sample_prompts = max_target_tokens, adapter_dir, sample_prompts
+        self.batch_size = batch_size
+        self.model, self.tokenizer, _ = load_lora_model(policy, with_reference=False)
+        trainable, total = count_parameters(self.model)
+        rank_zero_info(f"SFT trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        if "summary" not in batch:
+            raise ConfigError("SFT needs a 'summary' column in the data (the reference summaries)")
+        labels = self.tokenizer(
+            batch["summary"], truncation=True, max_length=self.max_target_tokens, padding=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        labels = labels.masked_fill(labels == self.tokenizer.pad_token_id, -100)  # padding is not a target
+        # T5 builds the decoder input by shifting the labels right behind the start token.
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("sft/train_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("sft/val_loss", self.loss(batch), prog_bar=True, batch_size=len(batch["input_ids"]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    # Lean checkpoints, as in the PPO stage: only the LoRA weights train.
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if own.keys() != state_dict.keys() or any(own[k].shape != state_dict[k].shape for k in own):
+            raise ConfigError("checkpoint does not fit model.policy: was it saved for another base model or LoRA shape?")
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(state_dict[name])
+
+    @torch.no_grad()
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        directory = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        card = (
+            "# Summarisation LoRA adapter (detox_lightning SFT stage)\n\n"
+            f"- base model: `{self.policy_config.model_name_or_path}`\n"
+            f"- trained with teacher forcing on dialogue -> summary pairs for {self.trainer.current_epoch} epochs\n"
+            "- use as the PPO stage's `policy.adapter_name_or_path`\n"
+        )
+        save_adapter(self.model, self.tokenizer, directory, card)
+        rank_zero_info(f"SFT adapter written to {directory}")
+        data = self.trainer.datamodule
+        if self.sample_prompts and data is not None and data.test_dataset is not None:
+            rows = [data.test_dataset[i] for i in range(min(self.sample_prompts, len(data.test_dataset)))]
+            batch = data.collate(rows)
+            was_training = self.model.training
+            self.model.eval()
+            out = self.model.generate(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+                max_new_tokens=self.max_target_tokens,
+                do_sample=False,
+            )
+            self.model.train(was_training)
+            for row, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
+                rank_zero_info(f"SFT sample: {text.strip()!r} (reference: {row.get('summary', '')!r})")
