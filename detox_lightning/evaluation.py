@@ -59,6 +59,7 @@ class ToxicityEvaluation(Callback):
         bootstrap_resamples: resamples of the paired bootstrap.
         batch_size: prompts per generate call.
         export_adapter: at fit end, save the trained adapter to `<log_dir>/adapter`.
+        show_examples: before/after examples printed at the end (the table's top rows).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class ToxicityEvaluation(Callback):
         bootstrap_resamples: int = 2000,
         batch_size: int = 16,
         export_adapter: bool = True,
+        show_examples: int = 3,
     ) -> None:
         problems = [
             f"{name}={value} must be at least {low}"
@@ -102,6 +104,7 @@ class ToxicityEvaluation(Callback):
         self.bootstrap_resamples = bootstrap_resamples
         self.batch_size = batch_size
         self.export_adapter = export_adapter
+        self.show_examples = show_examples
         self.before: Outputs | None = None
         self.last_metrics: dict[str, float] = {}
 
@@ -284,9 +287,16 @@ class ToxicityEvaluation(Callback):
                 logger.experiment.add_text("eval/before_after", markdown_table(rows), step)
         report = self.report(trainer, module, step)
         (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2, default=str))
+        for row in rows[: self.show_examples]:
+            rank_zero_info(
+                f"example (reward {row['reward_before']:+.2f} -> {row['reward_after']:+.2f}): "
+                f"{row['response_before'].strip()!r} -> {row['response_after'].strip()!r}"
+            )
+        written = ["toxicity_table.csv", "evaluation_report.json"]
         if self.export_adapter if export is None else export:
             export_adapter(module, out_dir / "adapter", model_card(module, report))
-            rank_zero_info(f"adapter, report and table written to {out_dir}")
+            written.append("adapter/")
+        rank_zero_info(f"wrote {', '.join(written)} in {out_dir}; TensorBoard: tensorboard --logdir {out_dir.parent}")
 
     def report(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> dict:
         import lightning
