@@ -13,7 +13,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
+from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
 from detox_lightning.checkpointing import (
     EpochSeededSampler,
     PPOCheckpoint,
@@ -25,6 +25,7 @@ from detox_lightning.checkpointing import (
 from detox_lightning.errors import ConfigError
 from detox_lightning.module import NonFiniteError, PPOSettings
 from detox_lightning.rewards import RewardModel
+from helpers import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,22 +90,6 @@ def make_module(tiny_t5, reward, batch_size=4, **ppo):
         generation=GenerationSettings(output_min_length=4, output_max_length=6),
         batch_size=batch_size,
     )
-
-
-def fit(module, sample_data, tmp_path, iterations, callbacks=()):
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=iterations,
-        log_every_n_steps=1,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=pl.loggers.CSVLogger(tmp_path),
-        callbacks=list(callbacks),
-    )
-    trainer.fit(module, DialogSumDataModule(path=sample_data, batch_size=module.batch_size))
-    return trainer
 
 
 def metric_rows(trainer, name):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from detox_lightning import (
-    DialogSumDataModule,
     GenerationSettings,
     HFClassifierReward,
     PolicyConfig,
@@ -13,6 +12,7 @@ from detox_lightning import (
     PPOSettings,
 )
 from detox_lightning.errors import ConfigError
+from helpers import fit
 
 
 def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, **ppo):
@@ -23,22 +23,6 @@ def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, **ppo):
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=batch_size,
     )
-
-
-def fit(module, sample_data, tmp_path, iterations, batch_size=4):
-    data = DialogSumDataModule(path=sample_data, batch_size=batch_size)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=iterations,
-        log_every_n_steps=1,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=pl.loggers.CSVLogger(tmp_path),
-    )
-    trainer.fit(module, data)
-    return trainer
 
 
 def test_first_iteration_has_zero_kl_and_unit_ratio_from_a_trained_adapter(

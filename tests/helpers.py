@@ -1,0 +1,22 @@
+"""Small helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
+
+import lightning.pytorch as pl
+
+from detox_lightning import DialogSumDataModule
+
+
+def fit(module, sample_data, tmp_path, iterations, callbacks=()):
+    """`iterations` PPO iterations of `module` on the sample data, CSV-logged under `tmp_path`."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=iterations,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=list(callbacks),
+    )
+    trainer.fit(module, DialogSumDataModule(path=sample_data, batch_size=module.batch_size))
+    return trainer
