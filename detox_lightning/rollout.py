@@ -80,7 +80,10 @@ def sample(
 
 def token_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs (B, T) of the response tokens under `softmax(logits / temperature)`, in float32."""
-    return selective_log_softmax(logits.float() / temperature, response_ids)
+    logits = logits.float()
+    if temperature != 1.0:  # dividing by 1 would still copy all (B, T, V) logits
+        logits = logits / temperature
+    return selective_log_softmax(logits, response_ids)
 
 
 def logprobs_and_values(

@@ -1,0 +1,38 @@
+"""The benchmark entry point runs offline on the tiny shape and ends with its JSON line (no timings checked)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {
+    "s_per_iter", "s_per_iter_notebook", "speedup", "s_floor", "ratio_to_floor", "peak_rss_mb",
+    "peak_rss_mb_notebook", "eval_prompts_per_s", "eval_prompts_per_s_notebook", "shape", "dtype", "threads",
+    "versions",
+}
+
+
+def test_bench_tiny_prints_json_with_every_key(tmp_path):
+    cmd = [
+        sys.executable, "-m", "detox_lightning.bench", "--shape", "tiny", "--reward-shape", "tiny",
+        "--batch-size", "4", "--mini-batch-size", "2", "--new-tokens", "4", "--iters", "1",
+        "--eval-prompts", "4", "--eval-batch-size", "2", "--model-dir", str(tmp_path / "models"),
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert KEYS <= result.keys()
+    for key in KEYS - {"shape", "dtype", "versions"}:
+        assert result[key] > 0, key
+    assert (result["shape"], result["dtype"], result["new_tokens"]) == ("tiny", "fp32", 4)
+    assert set(result["split"]) == {"ours", "notebook", "floor"}
+    assert "| ours |" in res.stdout and "| notebook |" in res.stdout
+
+
+def test_bench_names_every_bad_flag():
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--batch-size", "6", "--mini-batch-size", "4", "--iters", "0"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2
+    assert "--batch-size=6 is not divisible by --mini-batch-size=4" in res.stderr
+    assert "--iters=0 must be at least 1" in res.stderr
