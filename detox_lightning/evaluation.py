@@ -131,14 +131,21 @@ class ToxicityEvaluation(Callback):
 
     @torch.no_grad()
     def generate_and_score(self, trainer: pl.Trainer, module: pl.LightningModule, reference: bool) -> Outputs:
-        """Sample every prompt `samples_per_prompt` times under a fixed seed, then score."""
+        """Sample every prompt `samples_per_prompt` times under a fixed seed, then score.
+
+        Under data parallelism each rank takes every `world_size`-th batch and the per-prompt
+        figures are gathered: every rank returns the same Outputs. Each batch is seeded with
+        `seed + batch index`, so the figures do not depend on the number of ranks.
+        """
         batches = self.prompt_batches(trainer, module.device)
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = [(i, batches[i]) for i in range(rank, len(batches), world)]
         k = self.samples_per_prompt
-        queries, summaries, responses, lengths = [], [], [], []
+        index, queries, summaries, responses, lengths = [], [], [], [], []
         devices = [module.device] if module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            for batch in batches:
+            for b, batch in mine:
+                torch.manual_seed(self.seed + b)
                 per_sample = []
                 for _ in range(k):
                     samples = module.sample(
@@ -147,6 +154,7 @@ class ToxicityEvaluation(Callback):
                     per_sample.append((module.decode(samples.response_ids), samples.mask.sum(dim=1).tolist()))
                 queries += batch["query"]
                 summaries += batch.get("summary") or [None] * len(batch["query"])
+                index += [b * self.batch_size + i for i in range(len(batch["query"]))]
                 for i in range(len(batch["query"])):
                     responses.append([texts[i] for texts, _ in per_sample])
                     lengths.append([lens[i] for _, lens in per_sample])
@@ -156,25 +164,30 @@ class ToxicityEvaluation(Callback):
         shape = (len(queries), k)
 
         def toxicity(scorer: RewardModel) -> np.ndarray:
+            if not texts:  # a rank without a batch (fewer batches than ranks)
+                return np.zeros(shape)
             values = Toxicity(scorer.toxicity, keep_in_memory=True).compute(predictions=texts)["toxicity"]
             return np.asarray(values).reshape(shape)
 
         rouge = None
-        if any(s is None for s in summaries):
-            rank_zero_warn("ToxicityEvaluation: the test split has no 'summary' column; ROUGE is skipped")
-        else:
+        has_summaries = all(s is not None for s in summaries)
+        if texts and has_summaries:
             refs = [s for s in summaries for _ in range(k)]
             scores = Rouge(keep_in_memory=True).compute(predictions=flat_r, references=refs)
             rouge = {name: np.asarray(v).reshape(shape) for name, v in scores.items()}
-        return Outputs(
+        shard = Outputs(
             queries=queries,
             responses=responses,
             toxicity=toxicity(module.reward),
-            reward=module.reward(flat_q, flat_r).cpu().numpy().reshape(shape),
-            length=np.asarray(lengths, dtype=np.float64),
+            reward=module.reward(flat_q, flat_r).cpu().numpy().reshape(shape) if texts else np.zeros(shape),
+            length=np.asarray(lengths, dtype=np.float64).reshape(shape),
             judge_toxicity=toxicity(self.judge) if self.judge is not None else None,
             rouge=rouge,
         )
+        outputs = gather_outputs(index, shard, has_summaries) if world > 1 else shard
+        if outputs.rouge is None:
+            rank_zero_warn("ToxicityEvaluation: the test split has no 'summary' column; ROUGE is skipped")
+        return outputs
 
     # ---- figures ----
 
@@ -276,16 +289,17 @@ class ToxicityEvaluation(Callback):
 
     def finish(self, trainer, module, step: int, label: str, export: bool | None = None) -> None:
         self.evaluate(trainer, module, step, label)
+        log_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        out_dir = Path(log_dir or trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = self.table(self.last_outputs)
         write_csv(out_dir / "toxicity_table.csv", rows)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("eval/before_after", markdown_table(rows), step)
-        report = self.report(trainer, module, step)
+        report = self.report(trainer, module, step, log_dir)
         (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2, default=str))
         for row in rows[: self.show_examples]:
             rank_zero_info(
@@ -298,13 +312,14 @@ class ToxicityEvaluation(Callback):
             written.append("adapter/")
         rank_zero_info(f"wrote {', '.join(written)} in {out_dir}; TensorBoard: tensorboard --logdir {out_dir.parent}")
 
-    def report(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> dict:
+    def report(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, log_dir: str | None = None) -> dict:
+        """The JSON report; pass `log_dir` when only rank 0 calls this (`trainer.log_dir` is a collective)."""
         import lightning
         import peft
         import transformers
         import trl
 
-        config_file = Path(trainer.log_dir or "") / "config.yaml"
+        config_file = Path((log_dir if log_dir is not None else trainer.log_dir) or "") / "config.yaml"
         return {
             "iteration": step,
             "num_prompts": len(self.before.queries),
@@ -327,6 +342,29 @@ class ToxicityEvaluation(Callback):
                 "trl": trl.__version__,
             },
         }
+
+
+def gather_outputs(index: list[int], shard: Outputs, has_summaries: bool) -> Outputs:
+    """Every rank's shard, ordered by prompt `index`: the same Outputs on every rank."""
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (index, shard, has_summaries))
+    rows = sorted((i, r, j) for r, (idx, _, _) in enumerate(parts) for j, i in enumerate(idx))
+    take = [(parts[r][1], j) for _, r, j in rows]
+
+    def stack(get) -> np.ndarray:
+        return np.stack([get(o)[j] for o, j in take]) if take else np.zeros((0, 1))
+
+    rouge_keys = next((list(o.rouge) for _, o, _ in parts if o.rouge is not None), [])
+    with_rouge = all(h for _, _, h in parts) and rouge_keys
+    return Outputs(
+        queries=[o.queries[j] for o, j in take],
+        responses=[o.responses[j] for o, j in take],
+        toxicity=stack(lambda o: o.toxicity),
+        reward=stack(lambda o: o.reward),
+        length=stack(lambda o: o.length),
+        judge_toxicity=stack(lambda o: o.judge_toxicity) if shard.judge_toxicity is not None else None,
+        rouge={name: stack(lambda o, n=name: o.rouge[n]) for name in rouge_keys} if with_rouge else None,
+    )
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -22,9 +22,14 @@ from detox_lightning.errors import ConfigError
 from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
 from detox_lightning.rewards import RewardModel
 from detox_lightning.rollout import Samples, logprobs_and_values, sample, token_logprobs
-from detox_lightning.trl_compat import entropy_from_logits, masked_mean, masked_whiten
+from detox_lightning.trl_compat import entropy_from_logits, masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
+# What `nonfinite_parts` and the update check can name; flags are summed over ranks in this order.
+NONFINITE_PARTS = (
+    "env/reward_mean", "ppo/scores_mean", "objective/kl", "logprobs", "values", "advantages", "returns",
+    "loss", "updated weights",
+)
 
 
 @dataclass
@@ -268,7 +273,9 @@ class PPODetoxModule(pl.LightningModule):
 
     def draw_max_new_tokens(self) -> int:
         g = self.generation
-        return int(torch.randint(g.output_min_length, g.output_max_length + 1, (1,)).item())
+        drawn = int(torch.randint(g.output_min_length, g.output_max_length + 1, (1,)).item())
+        # Rank 0's draw on every rank: one cap per global batch, as on one device.
+        return int(self.trainer.strategy.broadcast(drawn)) if self._trainer is not None else drawn
 
     def shape_scores(self, scores: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
         """Optional EOS penalty, running-std scaling and clipping of the reward-model scores."""
@@ -276,7 +283,7 @@ class PPODetoxModule(pl.LightningModule):
             has_eos = (response_ids == self.tokenizer.eos_token_id).any(dim=1)
             scores = scores - self.ppo.missing_eos_penalty * (~has_eos).to(scores.dtype)
         if self.ppo.score_scaling:
-            self.score_moments.update(scores)
+            self.score_moments.update(self.gather(scores))  # every rank's scores: the same moments everywhere
             scores = scores / (self.score_moments.std + 1e-8)
         if self.ppo.score_clip is not None:
             scores = scores.clamp(-self.ppo.score_clip, self.ppo.score_clip)
@@ -319,24 +326,34 @@ class PPODetoxModule(pl.LightningModule):
             kl = ppo_math.per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
         rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
 
-        # 5. GAE, returns, whitened advantages
+        # 5. GAE, returns, advantages whitened with the mean and std of every rank's batch
         advantages, returns = ppo_math.gae(values, rewards, fmask, ppo.gamma, ppo.lam)
-        advantages = masked_whiten(advantages, fmask) * fmask
+        advantages = ppo_math.masked_whiten(advantages, fmask, self.all_reduce_sum) * fmask
 
+        # Statistics of the global batch, the same on every rank: per-prompt figures gathered,
+        # per-token ones as global sums over the global token count.
         kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1)  # trl's objective/kl: summed per response
         entropy = (entropy_from_logits(logits / temperature) * fmask).sum(dim=1)
+        per_prompt = torch.stack(
+            [kl_sum, entropy, raw_scores, scores, fmask.sum(dim=1), attention_mask.sum(dim=1).float()], dim=1
+        )
+        kl_sum, entropy, all_raw, all_scores, response_len, query_len = self.gather(per_prompt).unbind(dim=1)
+        token_sums = self.all_reduce_sum(
+            torch.stack([(returns * fmask).sum(), (advantages * fmask).sum(), (values * fmask).sum(), fmask.sum()])
+        )
+        returns_sum, advantages_sum, values_sum, tokens = token_sums.unbind()
         stats = {
             "objective/kl": kl_sum.mean(),
             "objective/kl_coef": self.kl_ctl.value,
             "objective/entropy": entropy.mean(),
-            "env/reward_mean": raw_scores.mean(),
-            "env/reward_std": raw_scores.std() if n > 1 else torch.zeros(()),
-            "ppo/scores_mean": scores.mean(),
-            "ppo/returns/mean": masked_mean(returns, fmask),
-            "ppo/policy/advantages_mean": masked_mean(advantages, fmask),
-            "ppo/val/mean": masked_mean(values, fmask),
-            "tokens/responses_len_mean": fmask.sum(dim=1).mean(),
-            "tokens/queries_len_mean": attention_mask.sum(dim=1).float().mean(),
+            "env/reward_mean": all_raw.mean(),
+            "env/reward_std": all_raw.std() if all_raw.numel() > 1 else torch.zeros(()),
+            "ppo/scores_mean": all_scores.mean(),
+            "ppo/returns/mean": returns_sum / tokens,
+            "ppo/policy/advantages_mean": advantages_sum / tokens,
+            "ppo/val/mean": values_sum / tokens,
+            "tokens/responses_len_mean": response_len.mean(),
+            "tokens/queries_len_mean": query_len.mean(),
         }
         experience = Experience(
             input_ids=input_ids,
@@ -394,11 +411,11 @@ class PPODetoxModule(pl.LightningModule):
                     self.clip_gradients(optimizer, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad()
-        # One host sync for all statistics, after the loop.
-        means = torch.stack([torch.stack(v).mean() for v in stats.values()]).tolist()
-        out = dict(zip(stats.keys(), means, strict=True))
-        out["ppo/policy/ratio_first"] = float(stats["ppo/policy/ratio_mean"][0])
-        return out
+        # One reduction over ranks and one host sync for all statistics, after the loop.
+        stats["ppo/policy/ratio_first"] = stats["ppo/policy/ratio_mean"][:1]
+        means = torch.stack([torch.stack(v).mean() for v in stats.values()])
+        means = (self.all_reduce_sum(means) / self.world_size).tolist()
+        return dict(zip(stats.keys(), means, strict=True))
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.restore_resumed_rng()
@@ -407,12 +424,15 @@ class PPODetoxModule(pl.LightningModule):
         t0 = time.perf_counter()
         experience, stats = self.make_experience(batch)
         t1 = time.perf_counter()
-        bad = nonfinite_parts(experience, stats)
+        # Every rank takes the same branch: a skip anywhere is a skip everywhere (DDP's gradient
+        # all-reduce needs every rank in the update).
+        bad = self.on_any_rank(nonfinite_parts(experience, stats))
         if not bad:
             stats.update(self.ppo_update(experience))
             bad = [] if math.isfinite(stats["ppo/loss/total"]) else ["loss"]
             if not all(torch.isfinite(p).all() for p in self.trainable_parameters().values()):
                 bad.append("updated weights")
+            bad = self.on_any_rank(bad)
         t2 = time.perf_counter()
         if bad:
             # A poisoned iteration leaves no trace: weights, optimizer and score statistics roll back.
@@ -421,12 +441,42 @@ class PPODetoxModule(pl.LightningModule):
             guard.skip(bad, self.ppo.max_consecutive_skips)
         else:
             guard.consecutive = 0
-            # 7. adapt the KL coefficient to the KL of this batch
-            self.kl_ctl.update(stats["objective/kl"], self.batch_size * self.trainer.world_size)
+            # 7. adapt the KL coefficient to the KL of the global batch (the same on every rank)
+            self.kl_ctl.update(stats["objective/kl"], self.batch_size * self.world_size)
         stats["ppo/skipped_iterations"] = guard.total
         stats["time/rollout"], stats["time/update"] = t1 - t0, t2 - t1
         for name, value in stats.items():
-            self.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR, batch_size=self.batch_size)
+            # Statistics are already global; only the timings differ per rank (logged as their mean).
+            self.log(
+                name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR,
+                batch_size=self.batch_size, sync_dist=name.startswith("time/"),
+            )
+
+    # ---- reductions over data-parallel ranks (the identity on one device or without a trainer) ----
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks, through the strategy (gloo/NCCL all-reduce under DDP)."""
+        if self.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")  # in place: keep the caller's
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (world_size * B, ...): every rank's rows, rank 0's first."""
+        if self.world_size == 1:
+            return tensor
+        return self.trainer.strategy.all_gather(tensor).flatten(0, 1)
+
+    def on_any_rank(self, parts: list[str]) -> list[str]:
+        """The `NONFINITE_PARTS` named by `parts` on at least one rank: the same list on every rank."""
+        if self.world_size == 1:
+            return parts
+        flags = torch.tensor([float(name in parts) for name in NONFINITE_PARTS], device=self.device)
+        counts = self.all_reduce_sum(flags).tolist()
+        return [name for name, count in zip(NONFINITE_PARTS, counts, strict=True) if count > 0]
 
     # ---- restartable and guarded iterations (helpers of training_step and the checkpoint hooks) ----
 
@@ -536,6 +586,7 @@ class PPODetoxModule(pl.LightningModule):
             "skipped_iterations": guard.total,
             "consecutive_skips": guard.consecutive,
             "rng": capture_rng_states(),
+            "rng_per_rank": self.rng_states_of_every_rank(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -549,3 +600,19 @@ class PPODetoxModule(pl.LightningModule):
         guard = self.skips
         guard.total, guard.consecutive = state.get("skipped_iterations", 0), state.get("consecutive_skips", 0)
         self._resumed_rng = state.get("rng")
+        per_rank = state.get("rng_per_rank") or []
+        if len(per_rank) == self.world_size:
+            self._resumed_rng = per_rank[self.global_rank]  # each rank goes on with its own stream
+        elif per_rank:
+            rank_zero_warn(
+                f"checkpoint was saved by {len(per_rank)} ranks, resumed on {self.world_size}: every rank "
+                f"continues rank 0's random stream, so sampling differs from an uninterrupted run"
+            )
+
+    def rng_states_of_every_rank(self) -> list[dict]:
+        """Every rank's RNG states, rank 0's first (all ranks dump a checkpoint; rank 0 writes it)."""
+        if self.world_size == 1:
+            return [capture_rng_states()]
+        states = [None] * self.world_size
+        torch.distributed.all_gather_object(states, capture_rng_states())
+        return states

@@ -8,6 +8,7 @@ EOS), 0.0 on padding after it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -119,6 +120,36 @@ def gae(
     advantages = (deltas @ discount.T) * mask
     returns = (advantages + values) * mask
     return advantages, returns
+
+
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    shift_mean: bool = True,
+) -> torch.Tensor:
+    """trl's `masked_whiten` over the union of every rank's batch (mean and unbiased variance).
+
+    Two reductions of two and one scalars (masked sum and count, then the masked sum of squared
+    deviations), so the result equals trl's on the concatenated batch to rounding.
+
+    Args:
+        values: (B, T) this rank's values, e.g. advantages.
+        mask: (B, T) response mask.
+        all_reduce: sums a tensor over ranks (and returns it); the identity in one process.
+        shift_mean: False adds the mean back, as trl's.
+
+    Returns:
+        (B, T) whitened values (not masked).
+    """
+    mask = mask.to(values.dtype)
+    total, count = all_reduce(torch.stack([(values * mask).sum(), mask.sum()])).unbind()
+    if count == 0:
+        raise ValueError("cannot whiten: the mask is empty on every rank")  # as trl's masked_var
+    mean = total / count
+    variance = all_reduce(((values - mean).square() * mask).sum()) / (count - 1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
 
 
 def policy_loss(

@@ -6,12 +6,28 @@ trl 1.13 removed its PPO code and value head; the 1.12.x line keeps them under
 
 import os
 
+import torch
+
 # trl warns on every import of trl.experimental; we pin the version, so the warning says nothing new.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from trl.experimental.ppo import AutoModelForSeq2SeqLMWithValueHead  # noqa: E402
+from trl.experimental.ppo import AutoModelForSeq2SeqLMWithValueHead as _TrlSeq2SeqWithValueHead  # noqa: E402
 from trl.experimental.ppo.ppo_trainer import masked_mean, masked_var, masked_whiten  # noqa: E402
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax  # noqa: E402
+
+
+class AutoModelForSeq2SeqLMWithValueHead(_TrlSeq2SeqWithValueHead):
+    """trl's seq2seq value-head model, loaded without touching `torch.distributed`.
+
+    trl's `from_pretrained` asks accelerate's `PartialState` for the device; under Lightning's DDP
+    launcher a child rank already has `LOCAL_RANK` and `WORLD_SIZE` set when the CLI builds the
+    model, so `PartialState` tries its own `env://` process group and fails (no `RANK`). The device
+    only matters for 8/4-bit loading, which we do not use; Lightning moves the model later.
+    """
+
+    @classmethod
+    def _get_current_device(cls) -> int | str:
+        return int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
 
 __all__ = [
     "AutoModelForSeq2SeqLMWithValueHead",

@@ -1,10 +1,12 @@
 """PPO math against hand-computed values and naive float64 loops."""
 
 import math
+import threading
 
 import pytest
 import torch
 
+from detox_lightning import ppo_math
 from detox_lightning.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -88,6 +90,52 @@ def test_masked_whiten_by_hand():
     # masked mean 2, unbiased masked variance 1
     whitened = masked_whiten(values, mask)
     torch.testing.assert_close(whitened[mask.bool()], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+
+
+class ThreadAllReduce:
+    """Sum over `world` threads, one per simulated rank: each call blocks until all have called."""
+
+    def __init__(self, world: int) -> None:
+        self.barrier, self.lock, self.parts = threading.Barrier(world), threading.Lock(), []
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.parts.append(tensor.clone())
+        self.barrier.wait()
+        total = torch.stack(self.parts).sum(dim=0)
+        if self.barrier.wait() == 0:  # everyone has read; one thread clears for the next call
+            self.parts.clear()
+        self.barrier.wait()
+        return total
+
+
+def test_global_masked_whiten_equals_trl_on_the_concatenated_batch():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 7, generator=g, dtype=torch.float64) * 3 + 1
+    lengths = torch.tensor([7, 1, 4, 2, 6, 3])
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).double()
+    expected = masked_whiten(values, mask)
+    torch.testing.assert_close(ppo_math.masked_whiten(values, mask), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ppo_math.masked_whiten(values, mask, shift_mean=False), masked_whiten(values, mask, shift_mean=False)
+    )
+
+    # three ranks of unequal token counts, each whitening its own rows with a summing all-reduce
+    shards = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    reduce, out = ThreadAllReduce(len(shards)), {}
+
+    def rank(i: int) -> None:
+        out[i] = ppo_math.masked_whiten(values[shards[i]], mask[shards[i]], all_reduce=reduce)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    got = torch.cat([out[i] for i in range(len(shards))])
+    torch.testing.assert_close(got * mask, expected * mask, rtol=1e-12, atol=1e-12)
+    # per-rank whitening would differ: the point of the global statistics
+    assert not torch.allclose(masked_whiten(values[shards[1]], mask[shards[1]]) * mask[shards[1]], got[shards[1]] * mask[shards[1]])
 
 
 def test_shape_rewards_puts_score_on_last_response_token():

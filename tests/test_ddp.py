@@ -1,0 +1,179 @@
+"""Data-parallel PPO: the real CLI on 2 CPU ranks (DDP over gloo) does what one device does, globally,
+and resumes exactly on 2 ranks.
+
+`RankProbe` runs inside the CLI subprocesses (`--trainer.callbacks+=test_ddp.RankProbe`) and writes
+one file per rank; the test compares them.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from detox_lightning import ppo_math
+from detox_lightning.trl_compat import masked_whiten
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERATIONS = 2
+
+
+class RankProbe(Callback):
+    """Test only: record this rank's prompts, whitening inputs/outputs, KL coefficient, weights, eval."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.record = {"whiten": [], "queries": []}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        whiten = ppo_math.masked_whiten
+
+        def recording(values, mask, *args, **kwargs):
+            out = whiten(values, mask, *args, **kwargs)
+            self.record["whiten"].append((values.clone(), mask.clone(), out.clone()))
+            return out
+
+        ppo_math.masked_whiten = recording  # the module calls ppo_math.masked_whiten by attribute
+        self.record["weights_start"] = {n: p.detach().clone() for n, p in pl_module.trainable_parameters().items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.record["queries"] += batch["query"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/")}
+        self.record.setdefault("logged", []).append(logged)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.record["weights"] = {n: p.detach().clone() for n, p in pl_module.trainable_parameters().items()}
+        self.record["kl_coef"] = pl_module.kl_ctl.value
+        self.record["world_size"] = trainer.world_size
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # after ToxicityEvaluation's (listed before us)
+        evaluation = next(c for c in trainer.callbacks if type(c).__name__ == "ToxicityEvaluation")
+        self.record["eval"] = dict(evaluation.last_metrics)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+
+def gloo_unavailable() -> str | None:
+    """Why a gloo process group cannot start here, or None when it can."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        return "this torch build has no torch.distributed / gloo backend"
+    probe = textwrap.dedent(
+        """
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+        dist.all_reduce(__import__("torch").ones(1))
+        dist.destroy_process_group()
+        """
+    )
+    try:
+        result = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "starting a gloo process group timed out"
+    if result.returncode != 0:
+        return "cannot start a gloo process group: " + (result.stderr.strip().splitlines() or ["?"])[-1]
+    return None
+
+
+def write_config(tmp_path) -> str:
+    """configs/tiny.yaml on 2 CPU ranks, made small: 4 prompts a rank, 4-6 new tokens, 8 eval prompts,
+    a checkpoint kept per iteration."""
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["trainer"].update(
+        devices=2, strategy="ddp", limit_train_batches=ITERATIONS, enable_progress_bar=False, num_sanity_val_steps=0
+    )
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("PPOCheckpoint"):
+            callback["init_args"]["save_top_k"] = -1  # keep iteration 1's, to resume from
+        if callback["class_path"].endswith("ToxicityEvaluation"):
+            callback["init_args"].update(
+                num_prompts=8, max_new_tokens=6, batch_size=2, table_rows=3, bootstrap_resamples=50, show_examples=0
+            )
+    model = config["model"]["init_args"]
+    model["generation"] = {"output_min_length": 4, "output_max_length": 6}
+    model["ppo"].update(mini_batch_size=2, target=0.01, horizon=8)  # a KL controller that visibly moves
+    config["data"]["batch_size"] = 4
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_fit_is_one_global_ppo(tmp_path, tiny_t5, tiny_classifier, sample_data):
+    # the fixtures build the tiny models once, before two ranks would race to build them
+    reason = gloo_unavailable()
+    if reason:
+        pytest.skip(reason)
+    config, probe, root = write_config(tmp_path), tmp_path / "probe", tmp_path / "runs"
+    result = fit_on_two_ranks(config, root, probe / "straight")
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(probe / "straight" / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    a, b = ranks
+    assert a["world_size"] == b["world_size"] == 2
+
+    # each rank trained on its own shard of prompts
+    assert len(a["queries"]) == len(b["queries"]) == ITERATIONS * 4
+    assert not set(a["queries"]) & set(b["queries"])
+
+    # gradients were averaged: the same trained weights on both ranks, and they moved
+    assert a["weights"].keys() == b["weights"].keys()
+    for name in a["weights"]:
+        assert torch.equal(a["weights"][name], b["weights"][name]), name
+    assert any(not torch.equal(a["weights"][n], a["weights_start"][n]) for n in a["weights"])
+
+    # the KL controller saw the global KL: the same coefficient on both ranks, and it moved
+    assert a["kl_coef"] == b["kl_coef"] != 0.2
+
+    # logged statistics are those of the global batch: the same on both ranks
+    assert len(a["logged"]) == ITERATIONS and a["logged"] == b["logged"]
+    assert "objective/kl" in a["logged"][-1]
+
+    # advantages were whitened with the mean and std of the concatenated (global) batch
+    assert len(a["whiten"]) == len(b["whiten"]) == ITERATIONS
+    for (va, ma, wa), (vb, mb, wb) in zip(a["whiten"], b["whiten"], strict=True):
+        width = max(va.shape[1], vb.shape[1])
+        values, mask, got = (torch.cat([pad(x, width), pad(y, width)]) for x, y in ((va, vb), (ma, mb), (wa, wb)))
+        expected = masked_whiten(values.double(), mask.double()).float() * mask
+        got = got * mask
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        local = masked_whiten(va, ma) * ma
+        assert not torch.allclose(local, wa * ma, atol=1e-3)  # per-rank whitening would differ
+
+    # evaluation: gathered, computed once, the same figures on every rank
+    assert a["eval"] and a["eval"] == b["eval"]
+
+    # rank zero alone wrote the report, the table and the adapter
+    assert len(list(root.rglob("evaluation_report.json"))) == 1
+    assert len(list(root.rglob("toxicity_table.csv"))) == 1
+    assert len([p for p in root.rglob("adapter") if p.is_dir()]) == 1
+    assert len(list(root.rglob("last.ckpt"))) == 1
+
+    # resumed on 2 ranks from iteration 1's checkpoint, iteration 2 is that of the straight run
+    first = next(root.rglob("epoch=0-iteration=1.ckpt"))
+    result = fit_on_two_ranks(config, tmp_path / "resumed", probe / "resumed", "--ckpt_path", str(first))
+    assert result.returncode == 0, result.stderr[-4000:]
+    for r, straight in enumerate(ranks):
+        resumed = torch.load(probe / "resumed" / f"rank{r}.pt", weights_only=False)
+        assert resumed["queries"] == straight["queries"][4:]  # the same shard, where it left off
+        assert resumed["kl_coef"] == straight["kl_coef"]
+        for name, weight in straight["weights"].items():
+            torch.testing.assert_close(resumed["weights"][name], weight, rtol=0, atol=1e-6)
+
+
+def fit_on_two_ranks(config: str, root: Path, probe: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", config, "--trainer.default_root_dir", str(root),
+         "--trainer.callbacks+=test_ddp.RankProbe", f"--trainer.callbacks.out_dir={probe}", *args],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+    )
