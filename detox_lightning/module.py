@@ -324,6 +324,7 @@ class PPODetoxModule(pl.LightningModule):
             kl = ppo_math.full_kl(logits / temperature, ref_logits / temperature)
         else:
             kl = ppo_math.per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
+        del ref_logits  # (B, T, V), ~0.8 GB for FLAN-T5 at batch 16 x 400 tokens: not needed past here
         rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
 
         # 5. GAE, returns, advantages whitened with the mean and std of every rank's batch
