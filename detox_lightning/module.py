@@ -17,7 +17,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from detox_lightning import ppo_math
-from detox_lightning.checkpointing import capture_rng_states, ppo_iterations, restore_rng_states
+from detox_lightning.checkpointing import (
+    TrainableStateMixin,
+    capture_rng_states,
+    ppo_iterations,
+    restore_rng_states,
+)
 from detox_lightning.errors import ConfigError
 from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
 from detox_lightning.rewards import RewardModel
@@ -203,7 +208,7 @@ def nonfinite_parts(exp: Experience, stats: dict[str, float]) -> list[str]:
     return bad
 
 
-class PPODetoxModule(pl.LightningModule):
+class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
     """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
 
     Args:
@@ -540,40 +545,7 @@ class PPODetoxModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.ppo.learning_rate, weight_decay=self.ppo.weight_decay)
 
-    # ---- lean checkpoints: only what training changes ----
-
-    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """The policy LoRA and value head only; frozen weights reload from their source.
-
-        (trl's value-head wrapper overrides `state_dict` in a way that drops the LoRA weights, so
-        the state is read from the parameters directly.)
-        """
-        return {name: p.detach() for name, p in self.trainable_parameters().items()}
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        own = self.trainable_parameters()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        wrong = [k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
-        if missing or unexpected or wrong:
-            details = []
-            if wrong:
-                details.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]}: {tuple(state_dict[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
-            if missing:
-                details.append(f"{len(missing)} missing (e.g. {missing[0]})")
-            if unexpected:
-                details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-            raise ConfigError(
-                f"checkpoint does not fit model.policy (model_name_or_path={self.policy_config.model_name_or_path!r}, "
-                f"lora_r={self.policy_config.lora_r}): trainable tensors {'; '.join(details)}; "
-                f"was it saved for another base model or adapter shape?"
-            )
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(state_dict[name])
+    # ---- checkpoints: the trainable tensors come from TrainableStateMixin ----
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Plain tensors, numbers and strings only: the file loads with torch.load(weights_only=True).

@@ -12,11 +12,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from detox_lightning.checkpointing import TrainableStateMixin
 from detox_lightning.errors import ConfigError
 from detox_lightning.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
 
 
-class SFTSummarizationModule(pl.LightningModule):
+class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
     """Teacher-forced LoRA fine-tuning on the data module's prompts and reference summaries.
 
     Args:
@@ -73,18 +74,6 @@ class SFTSummarizationModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-
-    # Lean checkpoints, as in the PPO stage: only the LoRA weights train.
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        if own.keys() != state_dict.keys() or any(own[k].shape != state_dict[k].shape for k in own):
-            raise ConfigError("checkpoint does not fit model.policy: was it saved for another base model or LoRA shape?")
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(state_dict[name])
 
     @torch.no_grad()
     def on_fit_end(self) -> None:
