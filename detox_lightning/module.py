@@ -11,6 +11,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
@@ -26,8 +27,8 @@ from detox_lightning.checkpointing import (
 from detox_lightning.errors import ConfigError
 from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
 from detox_lightning.rewards import RewardModel
-from detox_lightning.rollout import Samples, logprobs_and_values, sample, token_logprobs
-from detox_lightning.trl_compat import entropy_from_logits, masked_mean
+from detox_lightning.rollout import Samples, logprobs_and_values, sample, score_rollout
+from detox_lightning.trl_compat import masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
 # What `nonfinite_parts` and the update check can name; flags are summed over ranks in this order.
@@ -88,7 +89,8 @@ class PPOSettings:
             old and new log-probs agree and at the first iteration the policy equals the reference
             (KL 0, ratio 1). False: dropout on in the update, as the notebook.
         logprobs_from_generate: take rollout log-probs and values from `generate`'s own logits and
-            hidden states instead of a second forward pass.
+            hidden states instead of a second forward pass. Costs memory: generation's (B, T, V)
+            step logits live until the rollout is scored; False trades that for a forward pass.
         max_consecutive_skips: an iteration whose rewards, advantages, loss or updated weights are
             NaN/inf is skipped (no update kept; counted in `ppo/skipped_iterations`); the run stops
             with an error when this many iterations in a row were skipped.
@@ -258,16 +260,22 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
 
     @torch.no_grad()
     def sample(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, reference: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        reference: bool = False,
+        keep_logits: bool = False,
     ) -> Samples:
         """Sample responses from the policy (or the frozen reference), dropout off."""
         was_training = self.policy.training
         self.policy.eval()
+        kwargs = self.generation_kwargs(max_new_tokens)
         try:
             if reference:
-                with reference_mode(self.policy, input_ids.shape[0]) as kwargs:
-                    return sample(self.policy, input_ids, attention_mask, self.generation_kwargs(max_new_tokens), **kwargs)
-            return sample(self.policy, input_ids, attention_mask, self.generation_kwargs(max_new_tokens))
+                with reference_mode(self.policy, input_ids.shape[0]) as adapter_kwargs:
+                    return sample(self.policy, input_ids, attention_mask, kwargs, keep_logits, **adapter_kwargs)
+            return sample(self.policy, input_ids, attention_mask, kwargs, keep_logits)
         finally:
             self.policy.train(was_training)
 
@@ -297,12 +305,13 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
     @torch.no_grad()
     def make_experience(self, batch: dict) -> tuple[Experience, dict[str, float]]:
         """Steps 1-5: rollout, score, old/reference log-probs and values, shaped rewards, GAE."""
-        ppo, temperature = self.ppo, self.generation.temperature
+        ppo = self.ppo
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        n = input_ids.shape[0]
 
         # 1. rollout: one batched generate
-        samples = self.sample(input_ids, attention_mask, self.draw_max_new_tokens())
+        samples = self.sample(
+            input_ids, attention_mask, self.draw_max_new_tokens(), keep_logits=ppo.logprobs_from_generate
+        )
         ids, mask = samples.response_ids, samples.mask
 
         # 2. score with the reward component
@@ -311,25 +320,20 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
 
         # 3. old log-probs and values from the policy, reference log-probs from the frozen reference
         self.policy.eval()
-        if ppo.logprobs_from_generate:
-            logits, values = samples.logits, samples.values
-            logprobs = token_logprobs(logits, ids, temperature)
-        else:
-            logits, logprobs, values = logprobs_and_values(
-                self.policy, input_ids, attention_mask, samples.decoder_input_ids, ids, temperature
-            )
-        with reference_mode(self.policy, n) as kwargs:
-            ref_logits, ref_logprobs, _ = logprobs_and_values(
-                self.policy, input_ids, attention_mask, samples.decoder_input_ids, ids, temperature, **kwargs
-            )
+        token_scores = score_rollout(
+            self.policy, samples, input_ids, attention_mask, self.generation.temperature, ppo.mini_batch_size,
+            partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
+        )
+        decoder_input_ids = samples.decoder_input_ids
+        del samples  # with its (B, T, V) step logits
+        logprobs, ref_logprobs, values = token_scores.logprobs, token_scores.ref_logprobs, token_scores.values
 
         # 4. per-token rewards: -kl_coef * KL, plus the score on the last response token
         fmask = mask.float()
         if ppo.kl_penalty == "full":
-            kl = ppo_math.full_kl(logits / temperature, ref_logits / temperature)
+            kl = token_scores.full_kl
         else:
             kl = ppo_math.per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
-        del ref_logits  # (B, T, V), ~0.8 GB for FLAN-T5 at batch 16 x 400 tokens: not needed past here
         rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
 
         # 5. GAE, returns, advantages whitened with the mean and std of every rank's batch
@@ -339,7 +343,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         # Statistics of the global batch, the same on every rank: per-prompt figures gathered,
         # per-token ones as global sums over the global token count.
         kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1)  # trl's objective/kl: summed per response
-        entropy = (entropy_from_logits(logits / temperature) * fmask).sum(dim=1)
+        entropy = (token_scores.entropy * fmask).sum(dim=1)
         per_prompt = torch.stack(
             [kl_sum, entropy, raw_scores, scores, fmask.sum(dim=1), attention_mask.sum(dim=1).float()], dim=1
         )
@@ -364,7 +368,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         experience = Experience(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            decoder_input_ids=samples.decoder_input_ids,
+            decoder_input_ids=decoder_input_ids,
             response_ids=ids,
             mask=fmask,
             logprobs=logprobs,
@@ -454,8 +458,13 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         for name, value in stats.items():
             # Statistics are already global; only the timings differ per rank (logged as their mean).
             self.log(
-                name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR,
-                batch_size=self.batch_size, sync_dist=name.startswith("time/"),
+                name,
+                value,
+                on_step=True,
+                on_epoch=False,
+                prog_bar=name in PROGRESS_BAR,
+                batch_size=self.batch_size,
+                sync_dist=name.startswith("time/"),
             )
 
     # ---- reductions over data-parallel ranks (the identity on one device or without a trainer) ----

@@ -11,7 +11,7 @@ from detox_lightning.policy import (
     has_reference_adapter,
     reference_mode,
 )
-from detox_lightning.rollout import logprobs_and_values, sample
+from detox_lightning.rollout import Samples, decoder_inputs, logprobs_and_values, sample
 
 
 def prompts(tokenizer, n=4):
@@ -81,10 +81,11 @@ def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_ad
     enc = prompts(tokenizer)
     torch.manual_seed(0)
     kwargs = generation_kwargs(tokenizer) | {"temperature": temperature}
-    samples = sample(model, enc.input_ids, enc.attention_mask, kwargs)
+    samples = sample(model, enc.input_ids, enc.attention_mask, kwargs, keep_logits=True)
     assert (samples.decoder_input_ids[:, 0] == model.pretrained_model.config.decoder_start_token_id).all()
     assert torch.equal(samples.decoder_input_ids[:, 1:], samples.response_ids[:, :-1])
-    gen_logprobs = token_logprobs(samples.logits, samples.response_ids, temperature)
+    n, t = samples.response_ids.shape
+    gen_logprobs = token_logprobs(samples.logits(torch.arange(n), t), samples.response_ids, temperature)
     with torch.no_grad():
         _, logprobs, values = logprobs_and_values(
             model, enc.input_ids, enc.attention_mask, samples.decoder_input_ids, samples.response_ids, temperature
@@ -93,6 +94,57 @@ def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_ad
     # float32 agreement, relative to log-probs of order -10
     torch.testing.assert_close(gen_logprobs[m], logprobs[m], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(samples.values[m], values[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_adapter, keep_logits):
+    """Chunks trimmed to their own prompt/response lengths give the whole padded batch's figures."""
+    from functools import partial
+
+    from detox_lightning.ppo_math import full_kl
+    from detox_lightning.rollout import score_rollout
+    from detox_lightning.trl_compat import entropy_from_logits
+
+    model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter))
+    with torch.no_grad():  # move the policy away from its reference so that the KL is not zero
+        g = torch.Generator().manual_seed(1)
+        for name, param in model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.3)
+    model.eval()
+    enc = prompts(tokenizer, n=5)  # prompts of five lengths
+    temperature = 0.7
+    torch.manual_seed(0)
+    kwargs = generation_kwargs(tokenizer, 16) | {"temperature": temperature, "min_length": 2}
+    samples = sample(model, enc.input_ids, enc.attention_mask, kwargs, keep_logits=keep_logits)
+    # Responses of several lengths, so that chunks are trimmed: end rows early with an EOS. The
+    # step logits up to each new end stay valid (position t only sees tokens before t).
+    ids, mask = samples.response_ids.clone(), torch.zeros_like(samples.mask)
+    for row, length in enumerate([3, 16, 7, 10, 5]):
+        ids[row, length - 1], ids[row, length:] = tokenizer.eos_token_id, tokenizer.pad_token_id
+        mask[row, :length] = True
+    start = model.pretrained_model.config.decoder_start_token_id
+    samples = Samples(ids, decoder_inputs(ids, start), mask, samples.step_logits, samples.values)
+    scores = score_rollout(model, samples, enc.input_ids, enc.attention_mask, temperature, 3,
+                           partial(reference_mode, model), with_full_kl=True)
+
+    args = (enc.input_ids, enc.attention_mask, samples.decoder_input_ids, samples.response_ids, temperature)
+    with torch.no_grad():
+        logits, logprobs, values = logprobs_and_values(model, *args)
+        with reference_mode(model, 5) as ref_kwargs:
+            ref_logits, ref_logprobs, _ = logprobs_and_values(model, *args, **ref_kwargs)
+    expected = {
+        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
+        "entropy": entropy_from_logits(logits / temperature),
+        "full_kl": full_kl(logits / temperature, ref_logits / temperature),
+    }
+    m = samples.mask
+    assert (scores.full_kl[m] > 1e-4).all()
+    for name, want in expected.items():
+        got = getattr(scores, name)
+        assert got.shape == m.shape
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5, msg=name)
+        assert (got[~m] == 0).all(), name
 
 
 def test_sampled_response_mask_ends_at_first_eos(tiny_t5):
