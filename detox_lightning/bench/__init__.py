@@ -1,0 +1,17 @@
+"""Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor.
+
+    python -m detox_lightning.bench                       # FLAN-T5-small shape, RoBERTa-base reward, CPU fp32
+    python -m detox_lightning.bench --shape base --device cuda --dtype bf16
+
+Offline: the models have the real FLAN-T5 / RoBERTa shapes with random weights (see `models.py`);
+the three ways and the evaluation are in `ways.py`; `driver.py` sets up, runs them and reports.
+
+Every way generates exactly `--new-tokens` tokens a response (EOS is masked until then by
+`min_length = new_tokens + 1`, and `max_new_tokens = new_tokens`), so all ways do the same work.
+Timings of the three ways come from one process; peak memory from one fresh subprocess per way.
+The last line printed is one JSON object.
+"""
+
+from detox_lightning.bench.driver import main
+
+__all__ = ["main"]

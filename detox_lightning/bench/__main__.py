@@ -1,0 +1,3 @@
+from detox_lightning.bench.driver import main
+
+main()

@@ -1,0 +1,232 @@
+"""The benchmark's driver: set up, time the three ways, measure memory in subprocesses, report."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from detox_lightning.bench.models import DTYPES, REWARD_SHAPES, SHAPES, build_models, collate, make_module, make_prompts
+from detox_lightning.bench.ways import WAYS, eval_batched, eval_notebook, mean_split, run_ours, run_way
+
+DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory in MiB.
+
+    /proc's VmHWM belongs to this process image; `ru_maxrss` would also carry the peak of the
+    parent that forked it (Linux keeps it across exec), so it is only the fallback.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_rss_mb() -> float:
+    return rss_mb("VmHWM")
+
+
+def memory_worker(args) -> None:
+    """In a fresh process: build, run one iteration of `args.worker` (plus the evaluation for 'eval'), print peak RSS."""
+    import detox_lightning  # noqa: F401 - torch, transformers, peft, trl and lightning, before the baseline
+
+    baseline = rss_mb("VmRSS")  # the interpreter and imported libraries, before any model
+    module, batches, _ = setup(args)
+    if args.worker == "eval":
+        eval_batched(module, make_prompts(module.tokenizer, args.eval_prompts, seed=99), args)
+    else:
+        run_way(args.worker, module, batches[:1], args)
+    out = {"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+    if args.device == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def measure_memory(way: str, args) -> dict:
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--worker", way, "--model-dir", args.model_dir]
+    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in FORWARDED]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory worker {way!r} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size",
+             "new_tokens", "reward_batch_size", "eval_prompts", "eval_batch_size", "seed", "workdir")
+
+
+def setup(args):
+    """Models (built into `--model-dir` unless given), the module, and the (1 + iters) batches."""
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = Path(args.model_dir)
+    if not (root / "reward" / "config.json").is_file():
+        build_models(root, args.shape, args.reward_shape)
+    module = make_module(args, str(root / "policy"), str(root / "reward")).to(args.device)
+    prompts = make_prompts(module.tokenizer, args.batch_size * (args.iters + 1), seed=args.seed)
+    batches = [collate(module.tokenizer, prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
+    return module, batches, prompts
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import peft
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "trl": trl.__version__, "python": platform.python_version()}
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        memory_worker(args)
+        return {}
+    with contextlib.ExitStack() as stack:
+        if args.model_dir is None:
+            args.model_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="detox_bench_"))
+        if args.workdir is None:
+            args.workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="detox_bench_logs_"))
+        return run(args)
+
+
+def run(args) -> dict:
+    t_setup = time.perf_counter()
+    module, batches, prompts = setup(args)
+    prompt_tokens = sum(len(p["input_ids"]) for p in prompts) / len(prompts)
+    chars_per_token = sum(p["chars"] for p in prompts) / sum(len(p["input_ids"]) for p in prompts)
+    print(f"setup {time.perf_counter() - t_setup:.1f}s: {args.shape} policy, {args.reward_shape} reward, "
+          f"{prompt_tokens:.0f} prompt tokens on average ({chars_per_token:.2f} characters a token)", flush=True)
+    splits = {}
+    for way in WAYS:
+        if way == "notebook" and args.skip_notebook:
+            continue
+        splits[way] = mean_split(run_way(way, module, batches, args))
+        print(f"{way}: {splits[way]['total']:.2f} s/iter", flush=True)
+    if args.profile:
+        profile_ours(module, batches[-1], args)
+
+    eval_prompts = make_prompts(module.tokenizer, args.eval_prompts, seed=99)
+    eval_s = None if args.skip_eval else eval_batched(module, eval_prompts, args)
+    eval_nb_s = None if args.skip_notebook or args.skip_eval else eval_notebook(module, eval_prompts, args)
+    del module
+    memory = {} if args.skip_memory else {w: measure_memory(w, args) for w in WAYS if w in splits}
+
+    result = {
+        "s_per_iter": splits["ours"]["total"],
+        "s_per_iter_notebook": splits.get("notebook", {}).get("total"),
+        "s_floor": splits["floor"]["total"],
+        "eval_prompts_per_s": len(eval_prompts) / eval_s if eval_s else None,
+        "eval_prompts_per_s_notebook": len(eval_prompts) / eval_nb_s if eval_nb_s else None,
+    }
+    result["speedup"] = result["s_per_iter_notebook"] / result["s_per_iter"] if eval_nb_s else None
+    result["ratio_to_floor"] = result["s_per_iter"] / result["s_floor"]
+    result["eval_speedup"] = eval_nb_s / eval_s if eval_nb_s else None
+    for way, mem in memory.items():
+        suffix = "" if way == "ours" else f"_{way}"
+        result[f"peak_rss_mb{suffix}"] = mem["peak_rss_mb"]
+        result[f"baseline_rss_mb{suffix}"] = mem.get("baseline_rss_mb")
+        if "peak_cuda_mb" in mem:
+            result[f"peak_cuda_mb{suffix}"] = mem["peak_cuda_mb"]
+    if "peak_rss_mb" in result and "peak_rss_mb_notebook" in result:
+        result["rss_ratio"] = result["peak_rss_mb"] / result["peak_rss_mb_notebook"]
+    result |= {
+        "split": {w: {k: round(v, 3) for k, v in s.items()} for w, s in splits.items()},
+        "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
+        "new_tokens": args.new_tokens, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
+        "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
+        "cpu": cpu_name(), "versions": versions(),
+    }
+    print_table(result, splits)
+    print(json.dumps(result))
+    return result
+
+
+def print_table(result: dict, splits: dict) -> None:
+    def f(x, fmt="{:.2f}"):
+        return "-" if x is None else fmt.format(x)
+
+    print(f"\n{result['shape']} policy / {result['reward_shape']} reward, {result['dtype']} on {result['device']} "
+          f"({result['threads']} threads, {result['cpu']}); batch {result['batch_size']}, mini-batch "
+          f"{result['mini_batch_size']}, {result['new_tokens']} new tokens, mean of {result['iters']} iterations")
+    print("| way | generate s | reward s | old+ref logprobs, values s | update s | total s/iter | CPU s/iter | peak RSS MB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for way, s in splits.items():
+        rss = result.get("peak_rss_mb" if way == "ours" else f"peak_rss_mb_{way}")
+        print(f"| {way} | {s['generate']:.2f} | {s['reward']:.2f} | {s['logprobs']:.2f} | {s['update']:.2f} "
+              f"| {s['total']:.2f} | {s['cpu']:.1f} | {f(rss, '{:.0f}')} |")
+    print(f"speedup vs notebook {f(result['speedup'])}x; ratio to floor {f(result['ratio_to_floor'])}; "
+          f"RSS ratio {f(result.get('rss_ratio'))}; evaluation {f(result['eval_prompts_per_s'])} prompts/s vs "
+          f"{f(result['eval_prompts_per_s_notebook'])} one at a time ({f(result['eval_speedup'])}x)\n")
+
+
+def profile_ours(module, batch: dict, args) -> None:
+    """torch.profiler over one of this module's iterations (already warm); top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_ours(module, [batch], args)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="python -m detox_lightning.bench", description=DESCRIPTION)
+    p.add_argument("--shape", choices=list(SHAPES), default="small", help="FLAN-T5 shape of the policy")
+    p.add_argument("--reward-shape", choices=list(REWARD_SHAPES), default="base", help="RoBERTa shape of the reward")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the base weights")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mini-batch-size", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=64, help="exact length of every response")
+    p.add_argument("--reward-batch-size", type=int, default=16, help="texts per classifier forward")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
+    p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-notebook", action="store_true", help="time only this module and the floor")
+    p.add_argument("--skip-memory", action="store_true", help="no peak-RSS subprocesses")
+    p.add_argument("--skip-eval", action="store_true", help="no evaluation throughput")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one iteration")
+    p.add_argument("--model-dir", default=None, help="where the random models are saved (default: a temp dir)")
+    p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[*WAYS, "eval"], default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    problems = []
+    if args.batch_size % args.mini_batch_size:
+        problems.append(f"--batch-size={args.batch_size} is not divisible by --mini-batch-size={args.mini_batch_size}")
+    for flag in ("new_tokens", "iters", "eval_prompts", "eval_batch_size", "reward_batch_size"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"--device={args.device} but no CUDA device is available")
+    if args.dtype == "bf16" and args.device == "cpu":
+        print("note: bf16 on CPU is usually slower than fp32", file=sys.stderr)
+    if problems:
+        p.error("; ".join(problems))
+    return args
+

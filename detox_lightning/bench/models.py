@@ -1,0 +1,146 @@
+"""Offline stand-ins for the benchmark: FLAN-T5- and RoBERTa-shaped models, a tokenizer, prompts.
+
+The models have the real shapes with random weights, saved with `save_pretrained` and loaded back
+through the project's own `from_pretrained` code. The tokenizer is a BPE trained on the sample
+dialogues (~4 characters a token, as T5's on English dialogue), padded with filler pieces up to
+FLAN-T5's 32,128 ids so that any sampled id decodes to text.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # T5Config fields of google/flan-t5-{small,base}; tiny is for tests
+    "tiny": {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2},
+    "small": {"d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6, "num_layers": 8, "num_decoder_layers": 8},
+    "base": {"d_model": 768, "d_ff": 2048, "d_kv": 64, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12},
+}
+REWARD_SHAPES = {  # RobertaConfig fields of roberta-base (the hate classifier's shape); tiny for tests
+    "tiny": {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 514},
+    "base": {"vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "max_position_embeddings": 514},
+}
+T5_VOCAB = 32128
+BPE_VOCAB = 700  # gives ~4 characters a token on the sample dialogues
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def _corpus(n: int = 1000) -> list[str]:
+    from detox_lightning import sample_data
+    from detox_lightning.data import NOTEBOOK_PROMPT
+
+    rows = sample_data.make_dialogues(n, seed=12345, toxic_fraction=0.5)
+    return [NOTEBOOK_PROMPT.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
+
+
+def _pad_vocab(tokenizer, size: int):
+    """Extend a BPE vocabulary with unreachable filler pieces up to `size` ids.
+
+    The fillers are never produced by encoding (no merge leads to them) but decode to 3-6 letter
+    words, so responses sampled from a 32,128-id model decode to text of realistic length.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while len(vocab) < size:
+        piece = "\u2581" + "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+        vocab.setdefault(piece, len(vocab))
+    fast = Tokenizer.from_str(json.dumps(state))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=fast,
+        model_max_length=tokenizer.model_max_length,
+        clean_up_tokenization_spaces=False,
+        **tokenizer.special_tokens_map,
+    )
+
+
+def build_models(root: Path, shape: str, reward_shape: str) -> tuple[str, str]:
+    """Save a FLAN-T5-shaped policy and a RoBERTa-shaped nothate/hate classifier under `root`."""
+    from transformers import (
+        GenerationConfig,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    from detox_lightning.builtin import train_tokenizer
+
+    corpus = _corpus(200 if shape == "tiny" else 1000)  # tests need speed, not realistic lengths
+    t5_tok = train_tokenizer(
+        corpus, BPE_VOCAB, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+        single="$A </s>", pair="$A </s> $B </s>", model_max_length=1024,
+    )
+    t5_tok = _pad_vocab(t5_tok, T5_VOCAB)
+    config = T5Config(
+        vocab_size=T5_VOCAB, feed_forward_proj="gated-gelu", dropout_rate=0.1, tie_word_embeddings=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.05)  # untied, as FLAN-T5
+    model.generation_config = GenerationConfig(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0)
+    policy_dir = root / "policy"
+    model.save_pretrained(policy_dir)
+    t5_tok.save_pretrained(policy_dir)
+    del model
+
+    rob_tok = train_tokenizer(
+        corpus, BPE_VOCAB, {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+    )
+    rconfig = RobertaConfig(
+        type_vocab_size=1, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+        id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1}, **REWARD_SHAPES[reward_shape],
+    )
+    classifier = RobertaForSequenceClassification(rconfig)
+    reward_dir = root / "reward"
+    classifier.save_pretrained(reward_dir)
+    rob_tok.save_pretrained(reward_dir)
+    return str(policy_dir), str(reward_dir)
+
+
+def make_prompts(tokenizer, n: int, seed: int) -> list[dict]:
+    """`n` tokenized notebook prompts from sample dialogues of 200 < characters <= 1000 (the notebook's filter)."""
+    from detox_lightning import sample_data
+    from detox_lightning.data import NOTEBOOK_PROMPT
+
+    rows = [r for r in sample_data.make_dialogues(3 * n + 50, seed=seed) if 200 < len(r["dialogue"]) <= 1000][:n]
+    prompts = []
+    for row in rows:
+        ids = tokenizer(NOTEBOOK_PROMPT.format(dialogue=row["dialogue"]))["input_ids"]
+        prompts.append({"input_ids": ids, "query": tokenizer.decode(ids, skip_special_tokens=True),
+                        "chars": len(NOTEBOOK_PROMPT.format(dialogue=row["dialogue"]))})
+    return prompts
+
+
+def collate(tokenizer, rows: list[dict]) -> dict:
+    """Right-padded to the longest prompt of these rows (as `DialogSumDataModule.collate`)."""
+    batch = tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, padding=True, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "query": [r["query"] for r in rows]}
+
+
+def make_module(args, policy_dir: str, reward_dir: str):
+    from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule, PPOSettings
+
+    return PPODetoxModule(
+        reward=HFClassifierReward(reward_dir, batch_size=args.reward_batch_size),
+        policy=PolicyConfig(model_name_or_path=policy_dir, dtype=DTYPES[args.dtype]),
+        ppo=PPOSettings(mini_batch_size=args.mini_batch_size, ppo_epochs=1),
+        # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token)
+        generation=GenerationSettings(min_length=args.new_tokens + 1, output_min_length=args.new_tokens,
+                                      output_max_length=args.new_tokens),
+        batch_size=args.batch_size,
+    )
+
+

@@ -1,0 +1,240 @@
+"""The three ways one PPO iteration is timed: this project's module, the notebook's loop, a floor.
+
+Plus the evaluation's throughput both ways. Each function takes the same module (the same
+weights, tokenizer and reward) so that only the way differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections import defaultdict
+
+import torch
+
+from detox_lightning.bench.models import collate
+
+WAYS = ("ours", "notebook", "floor")
+
+
+class Clock:
+    """Accumulates seconds per named phase; synchronizes CUDA so GPU work is counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = self.now()
+        try:
+            yield
+        finally:
+            self.totals[name] += self.now() - t0
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **kw):
+            with self(name):
+                return fn(*a, **kw)
+
+        return timed
+
+
+# ---- way 1: this project's module, driven by a Lightning Trainer ----
+
+
+def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> list[dict[str, float]]:
+    """Fit `module` for len(batches) iterations; returns per-iteration phase timings."""
+    import lightning.pytorch as pl
+
+    clock = clock or Clock(torch.device(args.device))
+    per_iter: list[dict[str, float]] = []
+
+    # Instance-level wrappers time the module's own methods without changing them.
+    module.sample = clock.wrap("generate", module.sample)
+    module.make_experience = clock.wrap("experience", module.make_experience)
+    module.ppo_update = clock.wrap("update", module.ppo_update)
+    reward_t0 = {}
+    module.reward.register_forward_pre_hook(lambda *_: reward_t0.__setitem__("t", clock.now()))
+    module.reward.register_forward_hook(
+        lambda *_: clock.totals.__setitem__("reward", clock.totals["reward"] + clock.now() - reward_t0["t"])
+    )
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            clock.totals.clear()
+            self.t0, self.cpu0 = clock.now(), time.process_time()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            t = dict(clock.totals)
+            t["total"], t["cpu"] = clock.now() - self.t0, time.process_time() - self.cpu0
+            t["logprobs"] = t["experience"] - t["generate"] - t["reward"]
+            per_iter.append(t)
+
+    trainer = pl.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
+        limit_train_batches=len(batches), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Record()], default_root_dir=args.workdir,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    trainer.fit(module, loader)
+    return per_iter
+
+
+# ---- way 2: the notebook's loop (trl's classic PPOTrainer), same model and prompts ----
+
+
+def _trl_forward(model, rows, tokenizer, decoder_start, device, mb):
+    """trl's `batched_forward_pass`: mini-batches padded on their own, full log-softmax then gather."""
+    out_lp, out_v = [], []
+    for start in range(0, len(rows), mb):
+        chunk = rows[start : start + mb]
+        enc = tokenizer.pad({"input_ids": [q.tolist() for q, _ in chunk]}, padding=True, return_tensors="pt").to(device)
+        responses = torch.stack([r for _, r in chunk]).to(device)
+        dec = torch.cat([responses.new_full((len(chunk), 1), decoder_start), responses[:, :-1]], dim=1)
+        logits, _, values = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+        out_lp.append(logp)
+        out_v.append(values.float())
+    return torch.cat(out_lp), torch.cat(out_v)
+
+
+def notebook_iteration(module, ref_model, optimizer, batch: dict, args, clock: Clock) -> None:
+    from detox_lightning import ppo_math
+    from detox_lightning.trl_compat import masked_whiten
+
+    policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
+    start = policy.pretrained_model.config.decoder_start_token_id
+    gen_kwargs = module.generation_kwargs(args.new_tokens)
+    queries = [q[m.bool()] for q, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    # 1. one prompt at a time through generate
+    with clock("generate"), torch.no_grad():
+        policy.eval()
+        responses = [policy.generate(input_ids=q[None].to(device), **gen_kwargs)[0, 1:] for q in queries]
+    with clock("reward"):
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        scores = module.reward(batch["query"], texts).to(device)
+    rows = list(zip(queries, responses, strict=True))
+    # 2. old log-probs and values, then reference log-probs from the deep-copied model: two passes
+    with clock("logprobs"), torch.no_grad():
+        logprobs, values = _trl_forward(policy, rows, tokenizer, start, device, ppo.mini_batch_size)
+        ref_logprobs, _ = _trl_forward(ref_model, rows, tokenizer, start, device, ppo.mini_batch_size)
+        mask = torch.ones_like(logprobs)
+        rewards = ppo_math.shape_rewards(scores, ppo_math.per_token_kl(logprobs, ref_logprobs), mask, 0.2)
+        advantages, returns = ppo_math.gae(values, rewards, mask, ppo.gamma, ppo.lam)
+        advantages = masked_whiten(advantages, mask)
+    # 3. PPO: mini-batches, each forward recomputes log-probs over the full vocabulary
+    with clock("update"):
+        policy.train(not ppo.disable_dropout)
+        for idx in torch.randperm(len(rows)).split(ppo.mini_batch_size):
+            new_lp, vpred = _trl_forward(policy, [rows[i] for i in idx], tokenizer, start, device, len(idx))
+            idx = idx.to(device)
+            pg_loss, *_ = ppo_math.policy_loss(new_lp, logprobs[idx], advantages[idx], mask[idx], ppo.cliprange)
+            vf_loss, _ = ppo_math.value_loss(vpred, values[idx], returns[idx], mask[idx], ppo.cliprange_value)
+            (pg_loss + ppo.vf_coef * vf_loss).backward()
+            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], ppo.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+# ---- way 3: the batched floor: no old/reference pass, no PPO bookkeeping ----
+
+
+def floor_iteration(module, optimizer, batch: dict, args, clock: Clock) -> None:
+    from detox_lightning.rollout import decoder_inputs, token_logprobs
+
+    policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    with clock("generate"), torch.no_grad():
+        policy.eval()
+        out = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
+                              **module.generation_kwargs(args.new_tokens))
+        responses = out[:, 1:]
+    with clock("reward"):
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        module.reward(batch["query"], texts)
+    with clock("update"):
+        policy.train(not ppo.disable_dropout)
+        dec = decoder_inputs(responses, policy.pretrained_model.config.decoder_start_token_id)
+        for idx in torch.arange(len(texts), device=device).split(ppo.mini_batch_size):
+            width = int(attention_mask[idx].sum(dim=1).max())
+            logits, _, values = policy(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
+                                       decoder_input_ids=dec[idx])
+            loss = -token_logprobs(logits, responses[idx], 1.0).mean() + values.float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+# ---- evaluation throughput: toxicity of generated summaries ----
+
+
+@torch.no_grad()
+def eval_batched(module, prompts: list[dict], args) -> float:
+    """Length-grouped batches through one generate each, then one batched toxicity call; seconds."""
+    policy, tokenizer, device = module.policy, module.tokenizer, torch.device(args.device)
+    policy.eval()
+    clock = Clock(device)
+    t0 = clock.now()
+    ordered = sorted(prompts, key=lambda p: len(p["input_ids"]))
+    texts = []
+    for start in range(0, len(ordered), args.eval_batch_size):
+        rows = ordered[start : start + args.eval_batch_size]
+        batch = collate(tokenizer, rows)
+        out = policy.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                              **module.generation_kwargs(args.new_tokens))
+        responses = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+        texts += [q + " " + r for q, r in zip(batch["query"], responses, strict=True)]
+    module.reward.toxicity(texts).tolist()
+    return clock.now() - t0
+
+
+@torch.no_grad()
+def eval_notebook(module, prompts: list[dict], args) -> float:
+    """The notebook's `evaluate_toxicity`: one prompt, one generate, one toxicity call at a time; seconds."""
+    policy, tokenizer, device = module.policy, module.tokenizer, torch.device(args.device)
+    policy.eval()
+    clock = Clock(device)
+    t0 = clock.now()
+    for p in prompts:
+        out = policy.generate(input_ids=torch.tensor([p["input_ids"]], device=device),
+                              **module.generation_kwargs(args.new_tokens))
+        response = tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+        module.reward.toxicity([p["query"] + " " + response]).tolist()
+    return clock.now() - t0
+
+
+# ---- driving a way over batches ----
+
+
+def run_way(way: str, module, batches: list[dict], args) -> list[dict[str, float]]:
+    """Run `way` over `batches` (the first is the warm-up); per-iteration phase timings."""
+    if way == "ours":
+        return run_ours(module, batches, args)
+    clock = Clock(torch.device(args.device))
+    params = [p for p in module.policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=module.ppo.learning_rate)
+    # create_reference_model: a frozen deep copy of the whole network
+    ref_model = copy.deepcopy(module.policy).eval().requires_grad_(False) if way == "notebook" else None
+    per_iter = []
+    for batch in batches:
+        clock.totals.clear()
+        t0, cpu0 = clock.now(), time.process_time()
+        if way == "notebook":
+            notebook_iteration(module, ref_model, optimizer, batch, args, clock)
+        else:
+            floor_iteration(module, optimizer, batch, args, clock)
+        per_iter.append(dict(clock.totals) | {"total": clock.now() - t0, "cpu": time.process_time() - cpu0})
+    return per_iter
+
+
+def mean_split(per_iter: list[dict[str, float]]) -> dict[str, float]:
+    timed = per_iter[1:] or per_iter  # drop the warm-up
+    keys = ("generate", "reward", "logprobs", "update", "total", "cpu")  # cpu: this process's CPU seconds
+    return {k: sum(t.get(k, 0.0) for t in timed) / len(timed) for k in keys}
