@@ -1,5 +1,7 @@
 """Small helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
 
+import json
+
 import lightning.pytorch as pl
 
 from detox_lightning import DialogSumDataModule
@@ -20,3 +22,9 @@ def fit(module, sample_data, tmp_path, iterations, callbacks=()):
     )
     trainer.fit(module, DialogSumDataModule(path=sample_data, batch_size=module.batch_size))
     return trainer
+
+
+def write_jsonl(path, rows):
+    """`rows` as a JSON-lines file at `path`; returns the path as a string."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

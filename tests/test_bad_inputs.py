@@ -2,7 +2,6 @@
 non-zero exit, one `error:` line naming the problem, no traceback, and no new or altered checkpoint."""
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import yaml
+from helpers import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,14 @@ BAD_INPUTS = {
 @pytest.fixture(scope="module")
 def lora_r4_checkpoint(tiny_t5, tiny_classifier, sample_data, tmp_path_factory):
     """A real checkpoint of the tiny T5 with a rank-4 LoRA (the CLI's config uses rank 8)."""
-    from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig
-    from detox_lightning import PPODetoxModule, PPOSettings
+    from detox_lightning import (
+        DialogSumDataModule,
+        GenerationSettings,
+        HFClassifierReward,
+        PolicyConfig,
+        PPODetoxModule,
+        PPOSettings,
+    )
     from detox_lightning.checkpointing import PPOCheckpoint
 
     root = tmp_path_factory.mktemp("lora_r4")
@@ -80,11 +86,6 @@ def lora_r4_checkpoint(tiny_t5, tiny_classifier, sample_data, tmp_path_factory):
     )
     trainer.fit(module, DialogSumDataModule(path=sample_data, batch_size=2))
     return root / "last.ckpt"
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def fingerprint(root: Path) -> dict[str, str]:

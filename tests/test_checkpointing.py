@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import fit
 from lightning.pytorch.callbacks import Callback
 
 from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
@@ -25,7 +26,6 @@ from detox_lightning.checkpointing import (
 from detox_lightning.errors import ConfigError
 from detox_lightning.module import NonFiniteError, PPOSettings
 from detox_lightning.rewards import RewardModel
-from helpers import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 

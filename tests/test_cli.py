@@ -1,11 +1,11 @@
 """The real command line: shipped configs parse, the tiny run writes its logs, bad input is named."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 
 from detox_lightning.cli import main
 
@@ -56,11 +56,6 @@ def test_tiny_fit_writes_tensorboard_metrics_and_a_checkpoint(tmp_path):
     assert set(REQUIRED_TAGS) <= tags, set(REQUIRED_TAGS) - tags
     assert len(events.Scalars("objective/kl")) == 3  # one point per PPO iteration
     assert abs(events.Scalars("objective/kl")[0].value) < 1e-4
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 BAD_INPUTS = {

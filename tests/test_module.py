@@ -3,6 +3,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import fit
 
 from detox_lightning import (
     GenerationSettings,
@@ -12,7 +13,6 @@ from detox_lightning import (
     PPOSettings,
 )
 from detox_lightning.errors import ConfigError
-from helpers import fit
 
 
 def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, **ppo):
