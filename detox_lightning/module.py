@@ -495,6 +495,13 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
 
     # ---- restartable and guarded iterations (helpers of training_step and the checkpoint hooks) ----
 
+    def on_train_start(self) -> None:
+        # `seed_everything` gives every rank the same seed, so every rank would draw the same
+        # sampling noise for its own prompts; one stream per rank instead. (A resumed run then
+        # restores each rank's saved state at its first iteration.)
+        if self.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+
     def restore_resumed_rng(self) -> None:
         """Set the RNG states saved with the checkpoint, at the first iteration after a resume.
 

@@ -1,9 +1,9 @@
 """DialogSum data module: sources, filtering, the notebook's split, prompts and padding."""
 
-import json
 from pathlib import Path
 
 import pytest
+from helpers import write_jsonl
 
 from detox_lightning.data import NOTEBOOK_PROMPT, DialogSumDataModule
 from detox_lightning.errors import ConfigError
@@ -33,11 +33,6 @@ def test_sample_data_prompts_and_right_padded_batches(sample_data, tiny_t5):
         assert (row[n:] == data.tokenizer.pad_token_id).all() and row[n - 1] == data.tokenizer.eos_token_id
     assert batch["query"][0].strip().startswith("Summarize the following conversation.")
     assert "Summary:" in batch["query"][0] and "summary" in batch
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def dialogue(n):
@@ -87,3 +82,14 @@ def test_bad_data_is_named(tmp_path, rows, kwargs, message):
 
 def test_default_prompt_is_the_notebooks():
     assert NOTEBOOK_PROMPT == "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+
+
+def test_every_rank_shuffles_with_rank_zeros_seed(sample_data, tiny_t5):
+    """Ranks shard one order; with a seed of their own (no `seed_everything`) the shards would overlap."""
+    from types import SimpleNamespace
+
+    data = DialogSumDataModule(path=sample_data, batch_size=4, tokenizer_name_or_path=tiny_t5)
+    data.setup("fit")
+    rank_zero_seed = 1234
+    data.trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: rank_zero_seed))
+    assert data.train_dataloader().sampler.seed == rank_zero_seed

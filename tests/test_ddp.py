@@ -43,6 +43,7 @@ class RankProbe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.record["queries"] += batch["query"]
+        self.record.setdefault("rng", []).append(torch.get_rng_state())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/")}
@@ -121,9 +122,10 @@ def test_two_rank_ddp_fit_is_one_global_ppo(tmp_path, tiny_t5, tiny_classifier, 
     a, b = ranks
     assert a["world_size"] == b["world_size"] == 2
 
-    # each rank trained on its own shard of prompts
+    # each rank trained on its own shard of prompts, with its own sampling noise
     assert len(a["queries"]) == len(b["queries"]) == ITERATIONS * 4
     assert not set(a["queries"]) & set(b["queries"])
+    assert not torch.equal(a["rng"][0], b["rng"][0])
 
     # gradients were averaged: the same trained weights on both ranks, and they moved
     assert a["weights"].keys() == b["weights"].keys()
