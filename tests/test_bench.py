@@ -36,3 +36,14 @@ def test_bench_names_every_bad_flag():
     assert res.returncode == 2
     assert "--batch-size=6 is not divisible by --mini-batch-size=4" in res.stderr
     assert "--iters=0 must be at least 1" in res.stderr
+
+
+def test_bench_worker_alone_prints_its_peak(tmp_path):
+    cmd = [
+        sys.executable, "-m", "detox_lightning.bench", "--shape", "tiny", "--reward-shape", "tiny", "--worker", "notebook",
+        "--batch-size", "4", "--mini-batch-size", "2", "--new-tokens", "4",
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["peak_rss_mb"] > result["baseline_rss_mb"] > 0

@@ -101,14 +101,14 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.worker:
-        memory_worker(args)
-        return {}
     with contextlib.ExitStack() as stack:
         if args.model_dir is None:
             args.model_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="detox_bench_"))
         if args.workdir is None:
             args.workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="detox_bench_logs_"))
+        if args.worker:
+            memory_worker(args)
+            return {}
         return run(args)
 
 
@@ -214,7 +214,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one iteration")
     p.add_argument("--model-dir", default=None, help="where the random models are saved (default: a temp dir)")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker", choices=[*WAYS, "eval"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[*WAYS, "eval"], default=None,
+                   help="only build and run one iteration of this way in this process; print its peak RSS as JSON")
     args = p.parse_args(argv)
     problems = []
     if args.batch_size % args.mini_batch_size:
