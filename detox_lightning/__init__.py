@@ -1,9 +1,10 @@
 """PPO detoxification of FLAN-T5 summaries with PyTorch Lightning."""
 
 from detox_lightning.data import DialogSumDataModule
-from detox_lightning.module import GenerationSettings, PPODetoxModule, PPOSettings
+from detox_lightning.module import PPODetoxModule
 from detox_lightning.policy import PolicyConfig
 from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward, RewardModel
+from detox_lightning.settings import GenerationSettings, PPOSettings
 
 __all__ = [
     "DialogSumDataModule",

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from detox_lightning.checkpointing import load_checkpoint_file
 from detox_lightning.data import DialogSumDataModule
 from detox_lightning.errors import ConfigError
-from detox_lightning.module import NonFiniteError
+from detox_lightning.guards import NonFiniteError
 
 CKPT_SPECIAL = ("last", "best", "hpc", "registry")
 

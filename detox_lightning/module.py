@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 
 import lightning.pytorch as pl
@@ -25,191 +25,14 @@ from detox_lightning.checkpointing import (
     restore_rng_states,
 )
 from detox_lightning.errors import ConfigError
+from detox_lightning.guards import NONFINITE_PARTS, SkipCounter, nonfinite_parts
 from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
 from detox_lightning.rewards import RewardModel
-from detox_lightning.rollout import Samples, logprobs_and_values, sample, score_rollout
+from detox_lightning.rollout import Experience, Samples, logprobs_and_values, sample, score_rollout
+from detox_lightning.settings import GenerationSettings, PPOSettings, check_settings
 from detox_lightning.trl_compat import masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
-# What `nonfinite_parts` and the update check can name; flags are summed over ranks in this order.
-NONFINITE_PARTS = (
-    "env/reward_mean", "ppo/scores_mean", "objective/kl", "logprobs", "values", "advantages", "returns",
-    "loss", "updated weights",
-)
-
-
-@dataclass
-class GenerationSettings:
-    """How responses are sampled during PPO (the notebook's settings by default).
-
-    Args:
-        min_length: minimum decoder length, start token included (as `generate`'s `min_length`).
-        output_min_length: each PPO iteration draws its `max_new_tokens` uniformly from
-            [output_min_length, output_max_length] (the notebook draws per prompt from [100, 400)).
-        output_max_length: upper end of that draw; set both equal for a fixed cap.
-        top_k: 0 samples from the whole vocabulary.
-        top_p: 1.0 disables nucleus filtering.
-        temperature: sampling temperature; log-probs divide the logits by it too.
-    """
-
-    min_length: int = 5
-    output_min_length: int = 100
-    output_max_length: int = 400
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-
-
-@dataclass
-class PPOSettings:
-    """PPO hyper-parameters (trl's classic defaults, the notebook's learning rate and batch split).
-
-    Args:
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay (0 = trl's Adam).
-        mini_batch_size: prompts per optimizer step; must divide the batch size.
-        ppo_epochs: passes over the batch per iteration.
-        gradient_accumulation_steps: micro-batches per mini-batch (must divide mini_batch_size).
-        cliprange: policy ratio clip.
-        cliprange_value: value prediction clip around the rollout values.
-        vf_coef: value loss weight.
-        gamma: discount.
-        lam: GAE lambda.
-        max_grad_norm: clip the gradient norm to this; None: no clipping.
-        kl_penalty: per-token KL estimate in the reward: k1 (log-ratio), abs, mse or full (exact,
-            over the vocabulary; keeps two (B, T, V) logit tensors).
-        init_kl_coef: initial KL coefficient.
-        adap_kl_ctrl: adapt the coefficient towards `target` (else it stays fixed).
-        target: target of the adaptive controller, in KL summed over a response.
-        horizon: horizon of the adaptive controller.
-        score_clip: clip scores to [-score_clip, score_clip] after scaling; None: no clip.
-        score_scaling: divide scores by the running std of all scores seen.
-        missing_eos_penalty: subtract this from the score of responses that never emit EOS.
-        disable_dropout: keep the policy and value head in eval mode during the PPO update, so that
-            old and new log-probs agree and at the first iteration the policy equals the reference
-            (KL 0, ratio 1). False: dropout on in the update, as the notebook.
-        logprobs_from_generate: take rollout log-probs and values from `generate`'s own logits and
-            hidden states instead of a second forward pass. Costs memory: generation's (B, T, V)
-            step logits live until the rollout is scored; False trades that for a forward pass.
-        max_consecutive_skips: an iteration whose rewards, advantages, loss or updated weights are
-            NaN/inf is skipped (no update kept; counted in `ppo/skipped_iterations`); the run stops
-            with an error when this many iterations in a row were skipped.
-    """
-
-    learning_rate: float = 1.41e-5
-    weight_decay: float = 0.0
-    mini_batch_size: int = 4
-    ppo_epochs: int = 1
-    gradient_accumulation_steps: int = 1
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    max_grad_norm: float | None = 1.0
-    kl_penalty: ppo_math.KLPenalty = "k1"
-    init_kl_coef: float = 0.2
-    adap_kl_ctrl: bool = True
-    target: float = 6.0
-    horizon: int = 10000
-    score_clip: float | None = None
-    score_scaling: bool = False
-    missing_eos_penalty: float | None = None
-    disable_dropout: bool = True
-    logprobs_from_generate: bool = True
-    max_consecutive_skips: int = 3
-
-    def __post_init__(self) -> None:
-        if self.max_consecutive_skips < 1:
-            raise ConfigError(f"model.ppo.max_consecutive_skips={self.max_consecutive_skips} must be at least 1")
-
-
-@dataclass
-class Experience:
-    """One batch of rollouts with everything the PPO update needs; (B, ...) tensors."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    decoder_input_ids: torch.Tensor
-    response_ids: torch.Tensor
-    mask: torch.Tensor  # float
-    logprobs: torch.Tensor
-    values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-    def select(self, idx: torch.Tensor) -> Experience:
-        """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
-        prompt_len = int(self.attention_mask[idx].sum(dim=1).max())
-        response_len = int(self.mask[idx].sum(dim=1).max())
-        fields = {}
-        for name, value in vars(self).items():
-            value = value[idx]
-            fields[name] = value[:, :prompt_len] if name in ("input_ids", "attention_mask") else value[:, :response_len]
-        return Experience(**fields)
-
-
-def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSettings) -> None:
-    """Raise one ValueError naming every inconsistent setting."""
-    problems = []
-    if ppo.mini_batch_size < 1 or batch_size % ppo.mini_batch_size:
-        problems.append(
-            f"data.batch_size={batch_size} is not divisible by model.ppo.mini_batch_size={ppo.mini_batch_size}"
-        )
-    elif ppo.gradient_accumulation_steps < 1 or ppo.mini_batch_size % ppo.gradient_accumulation_steps:
-        problems.append(
-            f"model.ppo.mini_batch_size={ppo.mini_batch_size} is not divisible by "
-            f"model.ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps}"
-        )
-    if ppo.learning_rate <= 0:
-        problems.append(f"model.ppo.learning_rate={ppo.learning_rate} must be positive")
-    if ppo.ppo_epochs < 1:
-        problems.append(f"model.ppo.ppo_epochs={ppo.ppo_epochs} must be at least 1")
-    if ppo.kl_penalty not in ("k1", "abs", "mse", "full"):
-        problems.append(f"model.ppo.kl_penalty={ppo.kl_penalty!r} is not one of k1, abs, mse, full")
-    if not 1 <= generation.output_min_length <= generation.output_max_length:
-        problems.append(
-            f"model.generation.output_min_length={generation.output_min_length} and output_max_length="
-            f"{generation.output_max_length} must satisfy 1 <= min <= max"
-        )
-    if generation.temperature <= 0:
-        problems.append(f"model.generation.temperature={generation.temperature} must be positive")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
-class NonFiniteError(RuntimeError):
-    """Training diverged: too many PPO iterations in a row had NaN/inf rewards, advantages or loss."""
-
-
-@dataclass
-class SkipCounter:
-    """Iterations skipped for non-finite values: in total and in a row (both saved in checkpoints)."""
-
-    total: int = 0
-    consecutive: int = 0
-
-    def skip(self, parts: list[str], max_consecutive: int) -> None:
-        self.total += 1
-        self.consecutive += 1
-        rank_zero_warn(f"PPO iteration skipped: non-finite {', '.join(parts)} ({self.consecutive} in a row)")
-        if self.consecutive >= max_consecutive:
-            raise NonFiniteError(
-                f"{self.consecutive} PPO iterations in a row had non-finite {', '.join(parts)} "
-                f"(model.ppo.max_consecutive_skips={max_consecutive}); the adapter was left as before them. "
-                f"Check the reward component, or lower model.ppo.learning_rate"
-            )
-
-
-def nonfinite_parts(exp: Experience, stats: dict[str, float]) -> list[str]:
-    """Names of the rollout quantities that hold NaN/inf (an empty list when all are finite)."""
-    bad = [name for name in ("env/reward_mean", "ppo/scores_mean", "objective/kl") if not math.isfinite(stats[name])]
-    for name in ("logprobs", "values", "advantages", "returns"):
-        if not torch.isfinite(getattr(exp, name)).all():
-            bad.append(name)
-    return bad
-
-
 class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
     """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
 

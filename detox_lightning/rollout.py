@@ -42,6 +42,31 @@ class Samples:
         return torch.stack([step[rows] for step in self.step_logits[:length]], dim=1).float()
 
 
+@dataclass
+class Experience:
+    """One batch of rollouts with everything the PPO update needs; (B, ...) tensors."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    decoder_input_ids: torch.Tensor
+    response_ids: torch.Tensor
+    mask: torch.Tensor  # float
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> Experience:
+        """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
+        prompt_len = int(self.attention_mask[idx].sum(dim=1).max())
+        response_len = int(self.mask[idx].sum(dim=1).max())
+        fields = {}
+        for name, value in vars(self).items():
+            value = value[idx]
+            fields[name] = value[:, :prompt_len] if name in ("input_ids", "attention_mask") else value[:, :response_len]
+        return Experience(**fields)
+
+
 def decoder_inputs(response_ids: torch.Tensor, decoder_start_token_id: int) -> torch.Tensor:
     """Shift responses right behind the decoder start token: (B, T) -> (B, T)."""
     start = response_ids.new_full((response_ids.shape[0], 1), decoder_start_token_id)

@@ -24,8 +24,9 @@ from detox_lightning.checkpointing import (
     restore_rng_states,
 )
 from detox_lightning.errors import ConfigError
-from detox_lightning.module import NonFiniteError, PPOSettings
+from detox_lightning.guards import NonFiniteError
 from detox_lightning.rewards import RewardModel
+from detox_lightning.settings import PPOSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detox_lightning import DialogSumDataModule, PolicyConfig, PPODetoxModule, ProfanityCheckReward
-from detox_lightning.module import GenerationSettings, PPOSettings
+from detox_lightning.settings import GenerationSettings, PPOSettings
 from detox_lightning.policy import has_reference_adapter
 from detox_lightning.sft import SFTSummarizationModule
 
