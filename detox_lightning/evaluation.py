@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from detox_lightning.checkpointing import ppo_iterations
 from detox_lightning.errors import ConfigError
 from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
 from detox_lightning.policy import save_adapter
@@ -274,12 +275,12 @@ class ToxicityEvaluation(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Iterations done, counting this one (Lightning increments its counter after this hook);
         # restored on resume, unlike a count kept here.
-        iteration = trainer.fit_loop.epoch_loop._batches_that_stepped + 1
+        iteration = ppo_iterations(trainer)  # this batch included: Lightning counts it processed before this hook
         if self.every_n_iterations and iteration % self.every_n_iterations == 0:
             self.evaluate(trainer, pl_module, iteration, f"iteration {iteration}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        iteration = trainer.fit_loop.epoch_loop._batches_that_stepped
+        iteration = ppo_iterations(trainer)
         self.finish(trainer, pl_module, iteration, f"after {iteration} iterations")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
