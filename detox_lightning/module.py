@@ -6,6 +6,7 @@ and `rewards`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -16,6 +17,7 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 
 from detox_lightning import ppo_math
 from detox_lightning.checkpointing import (
@@ -212,7 +214,8 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         stats = defaultdict(list)
         for _ in range(ppo.ppo_epochs):
             for mb_idx in torch.randperm(exp.mask.shape[0], device=self.device).split(ppo.mini_batch_size):
-                for micro_idx in mb_idx.split(micro_size):
+                micro_batches = mb_idx.split(micro_size)
+                for i, micro_idx in enumerate(micro_batches):
                     mb = exp.select(micro_idx)
                     _, mb_logprobs, mb_vpred = logprobs_and_values(
                         self.policy,
@@ -229,7 +232,8 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
                         mb_vpred, mb.values, mb.returns, mb.mask, ppo.cliprange_value
                     )
                     loss = pg_loss + ppo.vf_coef * vf_loss
-                    self.manual_backward(loss / ppo.gradient_accumulation_steps)
+                    with self.gradient_sync(i == len(micro_batches) - 1):
+                        self.manual_backward(loss / ppo.gradient_accumulation_steps)
                     with torch.no_grad():
                         ratio = masked_mean(torch.exp(mb_logprobs - mb.logprobs), mb.mask)
                         stats["ppo/loss/policy"].append(pg_loss)
@@ -291,6 +295,14 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
             )
 
     # ---- reductions over data-parallel ranks (the identity on one device or without a trainer) ----
+
+    def gradient_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, `no_sync` unless `enabled`: micro-batches accumulate locally and only the
+        last of a mini-batch all-reduces the summed gradients (one all-reduce per optimizer step)."""
+        model = self.trainer.model if self._trainer is not None else None
+        if enabled or not isinstance(model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     @property
     def world_size(self) -> int:

@@ -41,6 +41,17 @@ class RankProbe(Callback):
         ppo_math.masked_whiten = recording  # the module calls ppo_math.masked_whiten by attribute
         self.record["weights_start"] = {n: p.detach().clone() for n, p in pl_module.trainable_parameters().items()}
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.record["syncs"] = 0
+
+        def counting_allreduce(state, bucket):  # every bucket of one gradient sync; bucket 0 once a sync
+            self.record["syncs"] += bucket.index() == 0
+            return allreduce_hook(None, bucket)
+
+        trainer.model.register_comm_hook(None, counting_allreduce)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.record["queries"] += batch["query"]
         self.record.setdefault("rng", []).append(torch.get_rng_state())
@@ -102,7 +113,8 @@ def write_config(tmp_path) -> str:
             )
     model = config["model"]["init_args"]
     model["generation"] = {"output_min_length": 4, "output_max_length": 6}
-    model["ppo"].update(mini_batch_size=2, target=0.01, horizon=8)  # a KL controller that visibly moves
+    # a KL controller that visibly moves; two micro-batches of 1 per mini-batch of 2
+    model["ppo"].update(mini_batch_size=2, gradient_accumulation_steps=2, target=0.01, horizon=8)
     config["data"]["batch_size"] = 4
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -126,6 +138,9 @@ def test_two_rank_ddp_fit_is_one_global_ppo(tmp_path, tiny_t5, tiny_classifier, 
     assert len(a["queries"]) == len(b["queries"]) == ITERATIONS * 4
     assert not set(a["queries"]) & set(b["queries"])
     assert not torch.equal(a["rng"][0], b["rng"][0])
+
+    # one gradient all-reduce per optimizer step (2 a rank-iteration), not one per micro-batch (4)
+    assert a["syncs"] == b["syncs"] == ITERATIONS * 2
 
     # gradients were averaged: the same trained weights on both ranks, and they moved
     assert a["weights"].keys() == b["weights"].keys()
