@@ -94,3 +94,29 @@ def test_bad_settings_are_named(tiny_t5, tiny_classifier, kwargs, message):
     batch_size = kwargs.pop("batch_size", 4)
     with pytest.raises(ConfigError, match=message):
         make_module(tiny_t5, tiny_classifier, batch_size=batch_size, **kwargs)
+
+
+def test_bfloat16_base_trains_float32_adapter(tiny_t5, tiny_classifier, sample_data, tmp_path):
+    """`policy.dtype: bfloat16` (flan_t5_base.yaml's setting) end to end: the bf16 base stays frozen,
+    the float32 LoRA and value head learn, and every statistic is finite."""
+    import math
+
+    pl.seed_everything(0)
+    module = PPODetoxModule(
+        reward=HFClassifierReward(tiny_classifier),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4, dtype="bfloat16"),
+        ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=2),
+        generation=GenerationSettings(output_min_length=8, output_max_length=12),
+        batch_size=4,
+    )
+    params = dict(module.policy.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    assert trainable and all(params[n].dtype == torch.float32 for n in trainable)
+    assert params["pretrained_model.base_model.model.shared.weight"].dtype == torch.bfloat16
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer = fit(module, sample_data, tmp_path, iterations=2)
+    metrics = {k: float(v) for k, v in trainer.logged_metrics.items()}
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["ppo/skipped_iterations"] == 0 and metrics["objective/kl"] > 0
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
