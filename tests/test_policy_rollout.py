@@ -112,11 +112,13 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
             if ".policy." in name and "lora_B" in name:
                 param.add_(torch.randn(param.shape, generator=g) * 0.3)
     model.eval()
-    enc = prompts(tokenizer, n=5)  # prompts of five lengths
+    enc = prompts(tokenizer, n=5)  # prompts of five lengths, shuffled: chunks go in length order
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    input_ids, attention_mask = enc.input_ids[perm], enc.attention_mask[perm]
     temperature = 0.7
     torch.manual_seed(0)
     kwargs = generation_kwargs(tokenizer, 16) | {"temperature": temperature, "min_length": 2}
-    samples = sample(model, enc.input_ids, enc.attention_mask, kwargs, keep_logits=keep_logits)
+    samples = sample(model, input_ids, attention_mask, kwargs, keep_logits=keep_logits)
     # Responses of several lengths, so that chunks are trimmed: end rows early with an EOS. The
     # step logits up to each new end stay valid (position t only sees tokens before t).
     ids, mask = samples.response_ids.clone(), torch.zeros_like(samples.mask)
@@ -125,10 +127,10 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
         mask[row, :length] = True
     start = model.pretrained_model.config.decoder_start_token_id
     samples = Samples(ids, decoder_inputs(ids, start), mask, samples.step_logits, samples.values)
-    scores = score_rollout(model, samples, enc.input_ids, enc.attention_mask, temperature, 3,
+    scores = score_rollout(model, samples, input_ids, attention_mask, temperature, 3,
                            partial(reference_mode, model), with_full_kl=True)
 
-    args = (enc.input_ids, enc.attention_mask, samples.decoder_input_ids, samples.response_ids, temperature)
+    args = (input_ids, attention_mask, samples.decoder_input_ids, samples.response_ids, temperature)
     with torch.no_grad():
         logits, logprobs, values = logprobs_and_values(model, *args)
         with reference_mode(model, 5) as ref_kwargs:
