@@ -282,7 +282,7 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path={str(path)!r}: no such checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+    except Exception as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
             f"ckpt_path={str(path)!r} is not a readable checkpoint ({type(err).__name__}: {first_line[:200]})"

@@ -165,9 +165,13 @@ class DialogSumDataModule(pl.LightningDataModule):
         return {"input_ids": input_ids, "query": self.tokenizer.decode(input_ids, skip_special_tokens=True)}
 
     def collate(self, rows: list[dict]) -> dict:
-        """Right-padded prompts (T5's encoder expects right padding) plus the text columns."""
+        """Right-padded prompts (T5's encoder expects right padding) plus the text columns.
+
+        Right padding whatever the tokenizer's default: the rollout and the update trim prompts to
+        a chunk's longest by cutting trailing columns.
+        """
         batch = self.tokenizer.pad(
-            {"input_ids": [r["input_ids"] for r in rows]}, padding=True, return_tensors="pt"
+            {"input_ids": [r["input_ids"] for r in rows]}, padding=True, padding_side="right", return_tensors="pt"
         )
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         for key in ("query", "summary", "id"):

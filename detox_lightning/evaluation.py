@@ -273,9 +273,9 @@ class ToxicityEvaluation(Callback):
         self.start(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Iterations done, counting this one (Lightning increments its counter after this hook);
-        # restored on resume, unlike a count kept here.
-        iteration = ppo_iterations(trainer)  # this batch included: Lightning counts it processed before this hook
+        # Iterations done, this one included (Lightning counts a batch processed before this
+        # hook); restored on resume, unlike a count kept here.
+        iteration = ppo_iterations(trainer)
         if self.every_n_iterations and iteration % self.every_n_iterations == 0:
             self.evaluate(trainer, pl_module, iteration, f"iteration {iteration}")
 

@@ -35,6 +35,8 @@ from detox_lightning.settings import GenerationSettings, PPOSettings, check_sett
 from detox_lightning.trl_compat import masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
+
+
 class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
     """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
 
@@ -67,6 +69,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         self.score_moments = ppo_math.RunningMoments()
         self.skips = SkipCounter()
         self._resumed_rng = None  # RNG states of a checkpoint, set at its first iteration
+        self._resumed_rng_shared = False  # those states are one rank's, for every rank
 
     # ---- generation (also used by the evaluation callbacks) ----
 
@@ -331,11 +334,18 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
     # ---- restartable and guarded iterations (helpers of training_step and the checkpoint hooks) ----
 
     def on_train_start(self) -> None:
-        # `seed_everything` gives every rank the same seed, so every rank would draw the same
-        # sampling noise for its own prompts; one stream per rank instead. (A resumed run then
-        # restores each rank's saved state at its first iteration.)
+        # A resumed run then restores each rank's saved state at its first iteration.
+        self.split_rng_by_rank()
+
+    def split_rng_by_rank(self) -> None:
+        """One sampling stream per rank under data parallelism (a no-op on one device).
+
+        Every rank starts from the same state (`seed_everything`, or torch's fixed default seed),
+        so without this every rank would draw the same sampling noise for its own prompts. The
+        draw below is the same on every rank; adding the rank separates the streams.
+        """
         if self.world_size > 1:
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) + self.global_rank)
 
     def restore_resumed_rng(self) -> None:
         """Set the RNG states saved with the checkpoint, at the first iteration after a resume.
@@ -345,6 +355,8 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         """
         if self._resumed_rng is not None:
             restore_rng_states(self._resumed_rng)
+            if self._resumed_rng_shared:  # one saved state for every rank: split it again
+                self.split_rng_by_rank()
             self._resumed_rng = None
 
     def snapshot(self) -> dict:
@@ -423,14 +435,16 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         self.score_moments.load_state_dict(state["score_moments"])
         guard = self.skips
         guard.total, guard.consecutive = state.get("skipped_iterations", 0), state.get("consecutive_skips", 0)
-        self._resumed_rng = state.get("rng")
+        self._resumed_rng, self._resumed_rng_shared = state.get("rng"), True
         per_rank = state.get("rng_per_rank") or []
         if len(per_rank) == self.world_size:
-            self._resumed_rng = per_rank[self.global_rank]  # each rank goes on with its own stream
+            # each rank goes on with its own stream
+            self._resumed_rng, self._resumed_rng_shared = per_rank[self.global_rank], False
         elif per_rank:
             rank_zero_warn(
                 f"checkpoint was saved by {len(per_rank)} ranks, resumed on {self.world_size}: every rank "
-                f"continues rank 0's random stream, so sampling differs from an uninterrupted run"
+                f"starts from rank 0's saved random state, split by rank, so sampling differs from an "
+                f"uninterrupted run"
             )
 
     def rng_states_of_every_rank(self) -> list[dict]:

@@ -177,7 +177,7 @@ def score_rollout(
     runs the frozen reference for `b` rows (see `policy.reference_mode`).
     """
     config = model.pretrained_model.config
-    n, length = samples.response_ids.shape
+    length = samples.response_ids.shape[1]
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     order = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True)
     for rows in order.split(chunk_size):

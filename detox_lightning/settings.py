@@ -47,7 +47,7 @@ class PPOSettings:
         lam: GAE lambda.
         max_grad_norm: clip the gradient norm to this; None: no clipping.
         kl_penalty: per-token KL estimate in the reward: k1 (log-ratio), abs, mse or full (exact,
-            over the vocabulary; keeps two (B, T, V) logit tensors).
+            over the vocabulary, from the policy and reference logits of each scoring chunk).
         init_kl_coef: initial KL coefficient.
         adap_kl_ctrl: adapt the coefficient towards `target` (else it stays fixed).
         target: target of the adaptive controller, in KL summed over a response.

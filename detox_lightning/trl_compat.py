@@ -11,9 +11,9 @@ import torch
 # trl warns on every import of trl.experimental; we pin the version, so the warning says nothing new.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from trl.experimental.ppo import AutoModelForSeq2SeqLMWithValueHead as _TrlSeq2SeqWithValueHead  # noqa: E402
-from trl.experimental.ppo.ppo_trainer import masked_mean, masked_var, masked_whiten  # noqa: E402
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax  # noqa: E402
+from trl.experimental.ppo import AutoModelForSeq2SeqLMWithValueHead as _TrlSeq2SeqWithValueHead
+from trl.experimental.ppo.ppo_trainer import masked_mean, masked_var, masked_whiten
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 
 class AutoModelForSeq2SeqLMWithValueHead(_TrlSeq2SeqWithValueHead):

@@ -85,7 +85,7 @@ def test_default_prompt_is_the_notebooks():
 
 
 def test_every_rank_shuffles_with_rank_zeros_seed(sample_data, tiny_t5):
-    """Ranks shard one order; with a seed of their own (no `seed_everything`) the shards would overlap."""
+    """Ranks shard one order: were they seeded differently, their shards could overlap."""
     from types import SimpleNamespace
 
     data = DialogSumDataModule(path=sample_data, batch_size=4, tokenizer_name_or_path=tiny_t5)

@@ -14,8 +14,8 @@ import torch
 from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
 from detox_lightning.evaluation import TABLE_COLUMNS, ToxicityEvaluation, markdown_table
 from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
-from detox_lightning.settings import PPOSettings
 from detox_lightning.rewards import ProfanityCheckReward
+from detox_lightning.settings import PPOSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

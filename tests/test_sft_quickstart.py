@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from detox_lightning import DialogSumDataModule, PolicyConfig, PPODetoxModule, ProfanityCheckReward
-from detox_lightning.settings import GenerationSettings, PPOSettings
 from detox_lightning.policy import has_reference_adapter
+from detox_lightning.settings import GenerationSettings, PPOSettings
 from detox_lightning.sft import SFTSummarizationModule
 
 ROOT = Path(__file__).resolve().parents[1]
