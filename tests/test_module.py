@@ -148,3 +148,63 @@ def test_rng_saved_by_one_rank_is_split_again_when_resumed_on_two(tiny_t5, tiny_
     resumed = torch.rand(8)
     torch.manual_seed(0)
     assert torch.equal(resumed, torch.rand(8))
+
+
+def first_batch(sample_data, tiny_t5, n=4):
+    from detox_lightning import DialogSumDataModule
+
+    data = DialogSumDataModule(path=sample_data, batch_size=n, tokenizer_name_or_path=tiny_t5)
+    data.setup("fit")
+    return data.collate([data.train_dataset[i] for i in range(n)])
+
+
+def moved_policy(tiny_t5, tiny_classifier, perturbed_adapter, **ppo):
+    """A module whose policy adapter differs from its reference, so that every KL is non-zero."""
+    module = make_module(tiny_t5, tiny_classifier, adapter=perturbed_adapter, **ppo)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in module.policy.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.3)
+    return module
+
+
+def test_rollout_logprobs_from_generate_equal_a_forward_pass(tiny_t5, tiny_classifier, perturbed_adapter, sample_data):
+    module = moved_policy(tiny_t5, tiny_classifier, perturbed_adapter)
+    batch = first_batch(sample_data, tiny_t5)
+    runs = []
+    for from_generate in (True, False):
+        module.ppo.logprobs_from_generate = from_generate
+        torch.manual_seed(0)
+        runs.append(module.make_experience(batch))
+    (a, stats_a), (b, stats_b) = runs
+    assert torch.equal(a.response_ids, b.response_ids)  # the same samples either way
+    for name in ("logprobs", "values", "advantages", "returns"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-4, msg=name)
+    assert stats_a == pytest.approx(stats_b, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("kl_penalty", ["k1", "full"])
+def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed_adapter, sample_data, kl_penalty):
+    """gamma = lam = 1: the first token's return is score - kl_coef * the response's summed KL."""
+    from detox_lightning import ppo_math
+    from detox_lightning.policy import reference_mode
+    from detox_lightning.rollout import logprobs_and_values
+
+    module = moved_policy(tiny_t5, tiny_classifier, perturbed_adapter, kl_penalty=kl_penalty, gamma=1.0, lam=1.0)
+    batch = first_batch(sample_data, tiny_t5)
+    torch.manual_seed(0)
+    exp, _ = module.make_experience(batch)
+    args = (exp.input_ids, exp.attention_mask, exp.decoder_input_ids, exp.response_ids, 1.0)
+    with torch.no_grad():
+        logits, logprobs, _ = logprobs_and_values(module.policy, *args)
+        with reference_mode(module.policy, len(exp.mask)) as kwargs:
+            ref_logits, ref_logprobs, _ = logprobs_and_values(module.policy, *args, **kwargs)
+    if kl_penalty == "full":
+        kl = ppo_math.full_kl(logits, ref_logits)
+    else:
+        kl = logprobs - ref_logprobs
+    score = module.reward(batch["query"], module.decode(exp.response_ids))
+    expected = score - module.ppo.init_kl_coef * (kl * exp.mask).sum(dim=1)
+    assert (kl * exp.mask).abs().sum() > 0.1
+    torch.testing.assert_close(exp.returns[:, 0], expected, rtol=1e-4, atol=1e-4)
