@@ -25,7 +25,8 @@ from transformers import (
 from detox_lightning import sample_data
 
 PREFIX = "builtin:"
-_VERSION = "v1"  # bump when a builder's output changes, so stale caches are not reused
+# Bump a builder's version when its output changes, so that stale caches are not reused.
+_VERSIONS = {"sample-dialogsum": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2"}
 _MARKER = "BUILD_COMPLETE"
 _PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 _T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -154,8 +155,43 @@ def _build_tiny_hate_roberta(path: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = RobertaForSequenceClassification(config)
+    # every piece that is an insult word, alone or with punctuation ("▁idiot", "▁idiot.")
+    insult_ids = [i for piece, i in tokenizer.get_vocab().items() if piece.strip("\u2581.,!?") in _INSULT_WORDS]
+    assert {tokenizer.convert_ids_to_tokens(i).strip("\u2581.,!?") for i in insult_ids} == set(_INSULT_WORDS)
+    wire_insult_detector(model, insult_ids)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+_INSULT_WORDS = ("stupid", "idiot", "dumb", "ugly", "hate", "shut")  # sample_data.INSULT_WORDS, one piece each
+
+
+@torch.no_grad()
+def wire_insult_detector(model: RobertaForSequenceClassification, insult_ids: list[int]) -> None:
+    """Set a RoBERTa classifier's weights by hand so that toxicity rises with the share of insults.
+
+    A bag-of-insults model in RoBERTa's shape: channel 0 of a token's embedding marks an insult;
+    the first layer's attention is uniform (zero queries and keys), so it writes the share of
+    insult tokens into channel 1 of every position; every other sub-layer adds nothing; the head
+    reads channel 1 at `<s>`: hate - nothate = 2 * 5 * tanh(x1 - 0.3). Without an insult
+    p(hate) = 0.05; one insult among ~200 tokens of prompt and summary gives p(hate) > 0.5.
+    """
+    hidden = model.config.hidden_size
+    for param in model.parameters():
+        param.zero_()
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight.fill_(1.0)
+    emb = model.roberta.embeddings.word_embeddings.weight  # (V, H)
+    emb[:, 2:] = torch.tensor([1.0, -1.0]).repeat(hidden // 2 - 1)  # the same filler for every token
+    emb[insult_ids, 0] = 4.0
+    first = model.roberta.encoder.layer[0].attention
+    first.self.value.weight[1, 0] = 1.0  # channel 0 (insult mark) -> channel 1, averaged by attention
+    first.output.dense.weight[1, 1] = 40.0
+    head = model.classifier
+    head.dense.weight[0, 1], head.dense.bias[0] = 1.0, -0.3
+    hate, nothate = model.config.label2id["hate"], model.config.label2id["nothate"]
+    head.out_proj.weight[hate, 0], head.out_proj.weight[nothate, 0] = 5.0, -5.0
 
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {
@@ -198,7 +234,7 @@ def resolve(name_or_path: str) -> str:
     name = name_or_path.removeprefix(PREFIX)
     if name not in _BUILDERS:
         raise ValueError(f"unknown built-in {name_or_path!r}; known: {', '.join(known_names())}")
-    target = cache_dir() / f"{name}-{_VERSION}"
+    target = cache_dir() / f"{name}-{_VERSIONS[name]}"
     if not (target / _MARKER).is_file():
         _build_atomically(target, _BUILDERS[name])
     return str(target)

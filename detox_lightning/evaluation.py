@@ -8,6 +8,7 @@ every N PPO iterations and at the end (the policy), so each prompt gives a befor
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -226,8 +227,8 @@ class ToxicityEvaluation(Callback):
             f"eval {label} ({n} prompts x {self.samples_per_prompt}): toxicity {m['eval/toxicity_mean']:.4f} "
             f"± {m['eval/toxicity_std']:.4f}, delta {m['eval/toxicity_delta']:+.4f} "
             f"[95% CI {m['eval/toxicity_delta_ci_low']:+.4f}, {m['eval/toxicity_delta_ci_high']:+.4f}], "
-            f"improvement {m['eval/toxicity_mean_improvement_pct']:.1f}% mean / "
-            f"{m['eval/toxicity_std_improvement_pct']:.1f}% std, >0.5: {m['eval/toxicity_frac_above_0.5']:.1%}"
+            f"improvement {_pct(m['eval/toxicity_mean_improvement_pct'])} mean / "
+            f"{_pct(m['eval/toxicity_std_improvement_pct'])} std, >0.5: {m['eval/toxicity_frac_above_0.5']:.1%}"
         )
         if "eval/judge_toxicity_mean" in m:
             line += (
@@ -409,3 +410,8 @@ def export_adapter(module: pl.LightningModule, directory: Path, card: str) -> No
     """The policy adapter (PEFT, safetensors) + tokenizer + model card + the PPO value head."""
     extra = {"value_head.safetensors": module.policy.v_head.state_dict()}
     save_adapter(module.policy.pretrained_model, module.tokenizer, directory, card, extra)
+
+
+def _pct(value: float) -> str:
+    """A percentage, or n/a where it is undefined (the notebook's improvement of a zero baseline)."""
+    return "n/a" if math.isnan(value) else f"{value:.1f}%"

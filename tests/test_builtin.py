@@ -143,3 +143,27 @@ def test_tiny_classifier_scores_a_padded_batch(built):
     assert long.input_ids.shape == (1, 512) and long.input_ids[0, -1] == tokenizer.eos_token_id
     with torch.no_grad():
         assert model(**long).logits.shape == (1, 2)
+
+
+def test_tiny_classifier_flags_the_sample_insults(built):
+    """The hand-wired classifier: p(hate) > 0.5 exactly for the sample summaries with an insult,
+    more insults score higher, and padding in a batch changes nothing."""
+    from detox_lightning.sample_data import contains_insult, make_dialogues
+
+    tokenizer = AutoTokenizer.from_pretrained(built["roberta"])
+    model = AutoModelForSequenceClassification.from_pretrained(built["roberta"]).eval()
+
+    def p_hate(texts):
+        with torch.no_grad():
+            logits = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+        return logits.softmax(-1)[:, model.config.label2id["hate"]]
+
+    summaries = [row["summary"] for row in make_dialogues(120, seed=3, toxic_fraction=0.4)]
+    rude = torch.tensor([contains_insult(s) for s in summaries])
+    assert 0 < rude.sum() < len(summaries)
+    toxic = p_hate(summaries)
+    assert torch.equal(toxic > 0.5, rude)
+    one, two = "#Person1# thinks #Person2# is an idiot and a bore.", "#Person1# thinks #Person2# is a stupid idiot."
+    assert p_hate([two]) > p_hate([one]) > 0.5
+    alone = torch.cat([p_hate([s]) for s in summaries[:6]])
+    torch.testing.assert_close(p_hate(summaries[:6]), alone)

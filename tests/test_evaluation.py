@@ -48,6 +48,19 @@ def test_summary_and_notebook_improvement():
     assert improvement_pct(0.2, 0.15) == pytest.approx(25.0)
 
 
+def test_evaluation_line_says_n_a_for_an_improvement_of_a_zero_baseline():
+    from detox_lightning.evaluation import ToxicityEvaluation
+
+    metrics = {
+        "eval/toxicity_mean": 0.05, "eval/toxicity_std": 0.0, "eval/toxicity_delta": 0.0,
+        "eval/toxicity_delta_ci_low": 0.0, "eval/toxicity_delta_ci_high": 0.0,
+        "eval/toxicity_mean_improvement_pct": 0.0, "eval/toxicity_std_improvement_pct": float("nan"),
+        "eval/toxicity_frac_above_0.5": 0.0, "eval/response_len_mean": 30.0,
+    }
+    line = ToxicityEvaluation().describe("after 3 iterations", metrics, 32)
+    assert "improvement 0.0% mean / n/a std" in line and "nan" not in line
+
+
 def test_toxicity_measurement_is_the_classifiers_softmax_probability_of_hate(tiny_classifier):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -21,7 +21,7 @@ def test_different_seed_different_rows():
 
 def test_output_is_pinned():
     # Guards "same rows on every machine"; after changing templates on purpose, update the digest
-    # and bump builtin._VERSION so cached builds are rebuilt.
+    # and bump its version in builtin._VERSIONS so cached builds are rebuilt.
     text = json.dumps(make_dialogues(30, seed=0, toxic_fraction=0.3), sort_keys=True)
     assert hashlib.sha256(text.encode()).hexdigest()[:16] == "2ff70c0123a7f446"
 

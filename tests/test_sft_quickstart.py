@@ -92,7 +92,8 @@ def test_flan_configs_point_at_the_real_data_with_one_override(config):
 
 @pytest.mark.slow
 def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path):
-    """The README's quick start, with a shorter SFT: profanity falls with a CI below 0, ROUGE-L holds."""
+    """The README's quick start, with a shorter SFT: toxicity falls with a CI below 0 under the reward's
+    classifier and under the independent judge, and ROUGE-L holds."""
     rougel_tolerance = 0.05
     adapter = tmp_path / "sft_adapter"
     run = [sys.executable, "train.py", "fit"]
@@ -112,4 +113,5 @@ def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path):
     before, after = report["before"], report["after"]
     assert before["eval/toxicity_mean"] > 0.02  # the SFT model did pick up rudeness
     assert after["eval/toxicity_delta_ci_high"] < 0, after
+    assert after["eval/judge_toxicity_delta_ci_high"] < 0, after  # not only the classifier PPO optimised
     assert after["eval/rougeL_delta"] >= -rougel_tolerance, after
