@@ -176,7 +176,6 @@ def score_rollout(
     `samples` kept its logits, else from a forward pass. `reference_mode(b)` is the context that
     runs the frozen reference for `b` rows (see `policy.reference_mode`).
     """
-    config = model.pretrained_model.config
     length = samples.response_ids.shape[1]
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     order = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True)
@@ -184,8 +183,7 @@ def score_rollout(
         width = int(attention_mask[rows].sum(dim=1).max())
         t = int(samples.mask[rows].sum(dim=1).max())
         enc = {"input_ids": input_ids[rows, :width], "attention_mask": attention_mask[rows, :width]}
-        dec = decoder_inputs(samples.response_ids[rows, :t], config.decoder_start_token_id)
-        ids = samples.response_ids[rows, :t]
+        dec, ids = samples.decoder_input_ids[rows, :t], samples.response_ids[rows, :t]
         if samples.step_logits:
             logits, values = samples.logits(rows, t), samples.values[rows, :t]
         else:

@@ -91,9 +91,11 @@ def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_ad
             model, enc.input_ids, enc.attention_mask, samples.decoder_input_ids, samples.response_ids, temperature
         )
     m = samples.mask
-    # float32 agreement, relative to log-probs of order -10
-    torch.testing.assert_close(gen_logprobs[m], logprobs[m], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(samples.values[m], values[m], rtol=1e-5, atol=1e-5)
+    # float32 agreement, relative to log-probs of order -10 from logits of order 30: the two
+    # paths round differently by up to ~4e-5, varying from run to run with MKL's buffer alignment
+    # (a token misalignment would be off by whole units)
+    torch.testing.assert_close(gen_logprobs[m], logprobs[m], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(samples.values[m], values[m], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("keep_logits", [True, False])
@@ -145,7 +147,9 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
     for name, want in expected.items():
         got = getattr(scores, name)
         assert got.shape == m.shape
-        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5, msg=name)
+        # float32 on logits of magnitude ~30 (a far-from-zero adapter): chunks and the full batch
+        # round differently by up to ~4e-5, varying from run to run with MKL's buffer alignment
+        torch.testing.assert_close(got[m], want[m], rtol=1e-4, atol=1e-4, msg=lambda text, name=name: f"{name}: {text}")
         assert (got[~m] == 0).all(), name
 
 
