@@ -1,6 +1,7 @@
 """Restartable runs: lean checkpoints, exact resume after SIGKILL, atomic saves, non-finite guard."""
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -167,7 +168,7 @@ def test_resumable_loader_continues_at_the_next_batch_and_reshuffles_next_epoch(
     epoch0 = [b.tolist() for b in straight]
     straight.sampler.set_epoch(1)
     epoch1 = [b.tolist() for b in straight]
-    assert epoch0 != epoch1 and sorted(sum(epoch0, [])) == list(range(12))
+    assert epoch0 != epoch1 and sorted(i for b in epoch0 for i in b) == list(range(12))
 
     first = loader()
     it = iter(first)
@@ -197,7 +198,7 @@ def test_iteration_with_a_nan_reward_is_skipped_and_counted(tiny_t5, tiny_classi
     assert trainer.global_step == 4  # 2 optimizer steps for each of iterations 1 and 3
     assert metric_rows(trainer, "ppo/skipped_iterations") == [0.0, 1.0, 1.0]
     reward_means = metric_rows(trainer, "env/reward_mean")  # logged as it was: NaN in the skipped one
-    assert [v != v for v in reward_means] == [False, True, False]
+    assert [math.isnan(v) for v in reward_means] == [False, True, False]
 
 
 def test_nan_loss_rolls_the_update_back(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
@@ -263,7 +264,7 @@ def train(config, root, *args):
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
         [sys.executable, "train.py", "fit", "--config", config, "--trainer.default_root_dir", str(root), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False,
     )
 
 

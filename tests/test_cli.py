@@ -32,7 +32,7 @@ REQUIRED_TAGS = [
 
 def run_train(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=600, check=False
     )
 
 

@@ -20,8 +20,8 @@ def prompts(tokenizer, n=4):
 
 
 def generation_kwargs(tokenizer, max_new_tokens=12):
-    return dict(do_sample=True, top_k=0, top_p=1.0, min_length=3, max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return {"do_sample": True, "top_k": 0, "top_p": 1.0, "min_length": 3, "max_new_tokens": max_new_tokens,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
 
 
 def trainable_names(model):
