@@ -7,6 +7,7 @@ and the toxicity probability used by evaluation.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import partial
 from typing import Literal
 
 import torch
@@ -102,19 +103,23 @@ class HFClassifierReward(RewardModel):
 
     @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
-        """Raw classifier logits (N, num_labels) in float32, computed in batches."""
+        """Raw classifier logits (N, num_labels) in float32, in the order of `texts`.
+
+        Texts go through the classifier `batch_size` at a time, shortest first, so each forward
+        pads only to its own longest text.
+        """
         device = next(self.classifier.parameters()).device
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(device)
-            chunks.append(self.classifier(**enc).logits.float())
-        return torch.cat(chunks) if chunks else torch.zeros(0, self.classifier.config.num_labels)
+        out = torch.zeros(len(texts), self.classifier.config.num_labels, device=device)
+        if not texts:
+            return out
+        encode = partial(self.tokenizer, truncation=True, max_length=self.max_length)
+        lengths = [len(ids) for ids in encode(texts)["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            enc = encode([texts[i] for i in rows], padding=True, return_tensors="pt").to(device)
+            out[torch.tensor(rows, device=device)] = self.classifier(**enc).logits.float()
+        return out
 
     def score(self, texts: list[str]) -> torch.Tensor:
         return self.logits(texts)[:, self.reward_index]

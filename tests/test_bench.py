@@ -5,6 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from detox_lightning.bench.memory import reset_peak
+from detox_lightning.bench.ways import Clock
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {
     "s_per_iter", "s_per_iter_notebook", "speedup", "s_floor", "ratio_to_floor", "peak_rss_mb",
@@ -27,18 +33,21 @@ def test_bench_tiny_prints_json_with_every_key(tmp_path):
         assert result[key] > 0, key
     assert (result["shape"], result["dtype"], result["new_tokens"]) == ("tiny", "fp32", 4)
     assert set(result["split"]) == {"ours", "notebook", "floor"}
+    assert set(result["rss_phases_mb"]) == {"ours", "notebook", "floor"}
     assert "| ours |" in res.stdout and "| notebook |" in res.stdout
 
 
 def test_bench_names_every_bad_flag():
-    cmd = [sys.executable, "-m", "detox_lightning.bench", "--batch-size", "6", "--mini-batch-size", "4", "--iters", "0"]
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--batch-size", "6", "--mini-batch-size", "4", "--iters", "0",
+           "--grad-accum", "3"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2
     assert "--batch-size=6 is not divisible by --mini-batch-size=4" in res.stderr
     assert "--iters=0 must be at least 1" in res.stderr
+    assert "--mini-batch-size=4 is not divisible by --grad-accum=3" in res.stderr
 
 
-def test_bench_worker_alone_prints_its_peak(tmp_path):
+def test_bench_worker_alone_prints_its_peak_and_each_phase_peak(tmp_path):
     cmd = [
         sys.executable, "-m", "detox_lightning.bench", "--shape", "tiny", "--reward-shape", "tiny", "--worker", "notebook",
         "--batch-size", "4", "--mini-batch-size", "2", "--new-tokens", "4",
@@ -47,3 +56,24 @@ def test_bench_worker_alone_prints_its_peak(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["peak_rss_mb"] > result["baseline_rss_mb"] > 0
+    if reset_peak():
+        phases = result["rss_phases_mb"]
+        assert {"setup", "generate", "reward", "logprobs", "update"} <= phases.keys()
+        assert round(result["peak_rss_mb"]) == max(phases.values())
+
+
+@pytest.mark.skipif(not reset_peak(), reason="needs Linux's /proc/self/clear_refs")
+def test_clock_charges_each_phase_its_own_peak():
+    clock = Clock(torch.device("cpu"), memory=True)
+    with clock("big"):
+        big = torch.ones(50_000_000)  # 200 MB, touched
+        del big
+    with clock("outer"), clock("small"):
+        small = torch.ones(5_000_000)  # 20 MB
+        del small
+    clock.boundary()
+    peak = clock.peak_mb
+    assert peak["big"] - peak["small"] > 150  # the big tensor was freed before "small" began
+    assert peak["outer"] < peak["big"]  # "small" was innermost while its tensor lived
+    assert set(clock.totals) == {"big", "outer", "small"}
+    assert clock.totals["outer"] >= clock.totals["small"]

@@ -51,6 +51,24 @@ def test_reward_is_the_logit_of_nothate_in_any_label_order(tiny_classifier, reve
     assert reversed_reward.reward_index == 1 and reward.reward_index == 0
 
 
+def test_texts_are_scored_shortest_first_and_returned_in_input_order(tiny_classifier):
+    reward = HFClassifierReward(tiny_classifier, batch_size=2)
+    texts = [TEXTS[2], TEXTS[0], "short", TEXTS[2][:300], TEXTS[1]]
+    widths = []
+    hook = reward.classifier.register_forward_pre_hook(
+        lambda _, args, kw: widths.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        together = reward.logits(texts)
+    finally:
+        hook.remove()
+    alone = torch.cat([reward.logits([t]) for t in texts])  # one text a forward: no padding at all
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    lengths = sorted(len(reward.tokenizer(t)["input_ids"]) for t in texts)
+    assert [tuple(w) for w in widths] == [(2, lengths[1]), (2, lengths[3]), (1, lengths[4])]
+    assert reward.logits([]).shape == (0, 2)
+
+
 def test_toxicity_is_softmax_probability_of_hate(tiny_classifier, reversed_classifier):
     logits, label2id = classifier_logits(tiny_classifier, TEXTS)
     expected = logits.softmax(-1)[:, label2id["hate"]]

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -15,40 +14,35 @@ from pathlib import Path
 
 import torch
 
+from detox_lightning.bench.memory import rss_mb
 from detox_lightning.bench.models import DTYPES, REWARD_SHAPES, SHAPES, build_models, collate, make_module, make_prompts
-from detox_lightning.bench.ways import WAYS, eval_batched, eval_notebook, mean_split, run_ours, run_way
+from detox_lightning.bench.ways import WAYS, Clock, eval_batched, eval_notebook, mean_split, run_ours, run_way
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
 
 
-def rss_mb(field: str = "VmHWM") -> float:
-    """This process's peak (VmHWM) or current (VmRSS) resident memory in MiB.
-
-    /proc's VmHWM belongs to this process image; `ru_maxrss` would also carry the peak of the
-    parent that forked it (Linux keeps it across exec), so it is only the fallback.
-    """
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def peak_rss_mb() -> float:
-    return rss_mb("VmHWM")
-
-
 def memory_worker(args) -> None:
-    """In a fresh process: build, run one iteration of `args.worker` (plus the evaluation for 'eval'), print peak RSS."""
+    """In a fresh process: build, run one iteration of `args.worker` (or the evaluation), print peak RSS.
+
+    Also the peak RSS reached in each phase (Linux), named like the timing columns; in this
+    module's iteration what `make_experience` does besides generate and reward is "logprobs".
+    """
     import detox_lightning  # noqa: F401 - torch, transformers, peft, trl and lightning, before the baseline
 
     baseline = rss_mb("VmRSS")  # the interpreter and imported libraries, before any model
-    module, batches, _ = setup(args)
+    clock = Clock(torch.device(args.device), memory=True)
+    with clock("setup"):
+        module, batches, _ = setup(args)
     if args.worker == "eval":
-        eval_batched(module, make_prompts(module.tokenizer, args.eval_prompts, seed=99), args)
+        with clock("evaluation"):
+            eval_batched(module, make_prompts(module.tokenizer, args.eval_prompts, seed=99), args)
     else:
-        run_way(args.worker, module, batches[:1], args)
-    out = {"peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
+        run_way(args.worker, module, batches[:1], args, clock)
+    clock.boundary()
+    out = {"peak_rss_mb": rss_mb("VmHWM"), "baseline_rss_mb": baseline}
+    if clock.peak_mb is not None:  # VmHWM was reset at each boundary: the peak is the phases' highest
+        phases = {{"experience": "logprobs"}.get(k, k): round(v) for k, v in clock.peak_mb.items()}
+        out |= {"peak_rss_mb": max(clock.peak_mb.values()), "rss_phases_mb": phases}
     if args.device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
@@ -63,7 +57,7 @@ def measure_memory(way: str, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size",
+FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
              "new_tokens", "reward_batch_size", "eval_prompts", "eval_batch_size", "seed", "workdir")
 
 
@@ -152,10 +146,13 @@ def run(args) -> dict:
             result[f"peak_cuda_mb{suffix}"] = mem["peak_cuda_mb"]
     if "peak_rss_mb" in result and "peak_rss_mb_notebook" in result:
         result["rss_ratio"] = result["peak_rss_mb"] / result["peak_rss_mb_notebook"]
+    if phases := {way: mem["rss_phases_mb"] for way, mem in memory.items() if "rss_phases_mb" in mem}:
+        result["rss_phases_mb"] = phases
     result |= {
         "split": {w: {k: round(v, 3) for k, v in s.items()} for w, s in splits.items()},
         "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
+        "grad_accum": args.grad_accum, "reward_batch_size": args.reward_batch_size,
         "new_tokens": args.new_tokens, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
         "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
         "cpu": cpu_name(), "versions": versions(),
@@ -178,6 +175,14 @@ def print_table(result: dict, splits: dict) -> None:
         rss = result.get("peak_rss_mb" if way == "ours" else f"peak_rss_mb_{way}")
         print(f"| {way} | {s['generate']:.2f} | {s['reward']:.2f} | {s['logprobs']:.2f} | {s['update']:.2f} "
               f"| {s['total']:.2f} | {s['cpu']:.1f} | {f(rss, '{:.0f}')} |")
+    if phases := result.get("rss_phases_mb"):
+        names = [n for n in ("setup", "generate", "reward", "logprobs", "update", "other")
+                 if any(n in p for p in phases.values())]
+        print("\npeak RSS MB reached in each phase (one fresh process per way):")
+        print("| way | " + " | ".join(names) + " |")
+        print("| --- |" + " ---: |" * len(names))
+        for way, p in phases.items():
+            print(f"| {way} | " + " | ".join(f(p.get(n), "{:.0f}") for n in names) + " |")
     print(f"speedup vs notebook {f(result['speedup'])}x; ratio to floor {f(result['ratio_to_floor'])}; "
           f"RSS ratio {f(result.get('rss_ratio'))}; evaluation {f(result['eval_prompts_per_s'])} prompts/s vs "
           f"{f(result['eval_prompts_per_s_notebook'])} one at a time ({f(result['eval_speedup'])}x)\n")
@@ -202,6 +207,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mini-batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="this module only: micro-batches per mini-batch (same gradient, less memory)")
     p.add_argument("--new-tokens", type=int, default=64, help="exact length of every response")
     p.add_argument("--reward-batch-size", type=int, default=16, help="texts per classifier forward")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
@@ -220,6 +227,8 @@ def parse_args(argv: list[str] | None):
     problems = []
     if args.batch_size % args.mini_batch_size:
         problems.append(f"--batch-size={args.batch_size} is not divisible by --mini-batch-size={args.mini_batch_size}")
+    if args.grad_accum < 1 or args.mini_batch_size % args.grad_accum:
+        problems.append(f"--mini-batch-size={args.mini_batch_size} is not divisible by --grad-accum={args.grad_accum}")
     for flag in ("new_tokens", "iters", "eval_prompts", "eval_batch_size", "reward_batch_size"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")

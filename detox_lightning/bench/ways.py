@@ -13,30 +13,55 @@ from collections import defaultdict
 
 import torch
 
+from detox_lightning.bench.memory import reset_peak, rss_mb
 from detox_lightning.bench.models import collate
 
 WAYS = ("ours", "notebook", "floor")
 
 
 class Clock:
-    """Accumulates seconds per named phase; synchronizes CUDA so GPU work is counted."""
+    """Seconds per named phase, and optionally each phase's peak resident memory.
 
-    def __init__(self, device: torch.device) -> None:
+    CUDA is synchronized at every boundary so GPU work is counted. With `memory=True` the kernel's
+    high-water mark is read and reset at every boundary (Linux), so each stretch of time is
+    charged to the innermost phase open during it ("other" outside every phase); a phase's peak is
+    the highest RSS seen while it was innermost.
+    """
+
+    def __init__(self, device: torch.device, memory: bool = False) -> None:
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
+        self.peak_mb: dict[str, float] | None = defaultdict(float) if memory and reset_peak() else None
+        self._open: list[tuple[str, float]] = []
 
     def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def boundary(self) -> None:
+        """Charge the peak RSS since the last boundary to the innermost open phase."""
+        if self.peak_mb is not None:
+            name = self._open[-1][0] if self._open else "other"
+            self.peak_mb[name] = max(self.peak_mb[name], rss_mb("VmHWM"))
+            reset_peak()
+
+    def start(self, name: str) -> None:
+        self.boundary()
+        self._open.append((name, self.now()))
+
+    def stop(self) -> None:
+        self.boundary()
+        name, t0 = self._open.pop()
+        self.totals[name] += self.now() - t0
+
     @contextlib.contextmanager
     def __call__(self, name: str):
-        t0 = self.now()
+        self.start(name)
         try:
             yield
         finally:
-            self.totals[name] += self.now() - t0
+            self.stop()
 
     def wrap(self, name: str, fn):
         def timed(*a, **kw):
@@ -60,11 +85,8 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
     module.sample = clock.wrap("generate", module.sample)
     module.make_experience = clock.wrap("experience", module.make_experience)
     module.ppo_update = clock.wrap("update", module.ppo_update)
-    reward_t0 = {}
-    module.reward.register_forward_pre_hook(lambda *_: reward_t0.__setitem__("t", clock.now()))
-    module.reward.register_forward_hook(
-        lambda *_: clock.totals.__setitem__("reward", clock.totals["reward"] + clock.now() - reward_t0["t"])
-    )
+    module.reward.register_forward_pre_hook(lambda *_: clock.start("reward"))
+    module.reward.register_forward_hook(lambda *_: clock.stop())
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -105,6 +127,17 @@ def _trl_forward(model, rows, tokenizer, decoder_start, device, mb):
     return torch.cat(out_lp), torch.cat(out_v)
 
 
+@torch.no_grad()
+def pipeline_scores(reward, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """The notebook's `sentiment_pipe(texts, batch_size=16)`: batches in input order, each padded to its longest."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        enc = reward.tokenizer(texts[start : start + batch_size], padding=True, truncation=True,
+                               max_length=reward.max_length, return_tensors="pt")
+        out.append(reward.classifier(**enc.to(reward.classifier.device)).logits.float()[:, reward.reward_index])
+    return torch.cat(out)
+
+
 def notebook_iteration(module, ref_model, optimizer, batch: dict, args, clock: Clock) -> None:
     from detox_lightning import ppo_math
     from detox_lightning.trl_compat import masked_whiten
@@ -119,7 +152,7 @@ def notebook_iteration(module, ref_model, optimizer, batch: dict, args, clock: C
         responses = [policy.generate(input_ids=q[None].to(device), **gen_kwargs)[0, 1:] for q in queries]
     with clock("reward"):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        scores = module.reward(batch["query"], texts).to(device)
+        scores = pipeline_scores(module.reward, [q + r for q, r in zip(batch["query"], texts, strict=True)]).to(device)
     rows = list(zip(queries, responses, strict=True))
     # 2. old log-probs and values, then reference log-probs from the deep-copied model: two passes
     with clock("logprobs"), torch.no_grad():
@@ -213,15 +246,16 @@ def eval_notebook(module, prompts: list[dict], args) -> float:
 # ---- driving a way over batches ----
 
 
-def run_way(way: str, module, batches: list[dict], args) -> list[dict[str, float]]:
+def run_way(way: str, module, batches: list[dict], args, clock: Clock | None = None) -> list[dict[str, float]]:
     """Run `way` over `batches` (the first is the warm-up); per-iteration phase timings."""
+    clock = clock or Clock(torch.device(args.device))
     if way == "ours":
-        return run_ours(module, batches, args)
-    clock = Clock(torch.device(args.device))
-    params = [p for p in module.policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=module.ppo.learning_rate)
-    # create_reference_model: a frozen deep copy of the whole network
-    ref_model = copy.deepcopy(module.policy).eval().requires_grad_(False) if way == "notebook" else None
+        return run_ours(module, batches, args, clock)
+    with clock("setup"):
+        params = [p for p in module.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=module.ppo.learning_rate)
+        # create_reference_model: a frozen deep copy of the whole network
+        ref_model = copy.deepcopy(module.policy).eval().requires_grad_(False) if way == "notebook" else None
     per_iter = []
     for batch in batches:
         clock.totals.clear()
