@@ -65,7 +65,8 @@ class HFClassifierReward(RewardModel):
         reward_label: label whose raw logit is the reward.
         toxic_label: label whose softmax probability is the toxicity.
         text: see `RewardModel`.
-        batch_size: texts per classifier forward.
+        batch_size: texts per classifier forward, shortest first (on CPU 8 was faster than 16 with
+            RoBERTa-base, and needs half the activations; README "Performance").
         max_length: longer texts are truncated to this many tokens.
         trust_remote_code: allow code shipped with the model (off unless you trust the source).
     """
@@ -76,7 +77,7 @@ class HFClassifierReward(RewardModel):
         reward_label: str = "nothate",
         toxic_label: str = "hate",
         text: RewardText = "query_response",
-        batch_size: int = 16,
+        batch_size: int = 8,
         max_length: int = 512,
         trust_remote_code: bool = False,
     ) -> None:

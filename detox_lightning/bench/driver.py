@@ -208,9 +208,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mini-batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1,
-                   help="this module only: micro-batches per mini-batch (same gradient, less memory)")
+                   help="this module only: micro-batches per mini-batch (less memory; the same gradient when "
+                        "responses are equally long)")
     p.add_argument("--new-tokens", type=int, default=64, help="exact length of every response")
-    p.add_argument("--reward-batch-size", type=int, default=16, help="texts per classifier forward")
+    p.add_argument("--reward-batch-size", type=int, default=8,
+                   help="texts per classifier forward, this module and the floor (the notebook's pipeline: 16)")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--eval-batch-size", type=int, default=16)
