@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
@@ -48,8 +50,42 @@ class DetoxCLI(LightningCLI):
             config["weights_only"] = True  # tensors and plain data only; what torch >= 2.6 defaults to
 
 
+# Library messages that say nothing actionable about a run of this tool (checked on the pinned versions).
+QUIET_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",  # Lightning: the frozen reward classifier is in eval mode on purpose
+    r"Model has `tie_word_embeddings=True`",  # peft: transformers 5 marks every T5 config tied (below)
+    r"`is_gradient_checkpointing` is deprecated",  # a library calling another's old name
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning calling torch's old name
+    r"You passed in a `val_dataloader` but have no `validation_step`",  # PPO evaluates in a callback
+)
+QUIET_LOGS = {
+    # transformers 5 forces tie_word_embeddings=True on T5 configs; FLAN-T5's own lm_head loads untied, as it should.
+    "transformers.modeling_utils": "will NOT tie them",
+    "lightning.pytorch.utilities.rank_zero": "💡 Tip",  # adverts for Lightning's cloud services
+}
+QUIET_BARS = ("Loading weights", "Writing model shards")  # instant for local files; downloads keep their bars
+
+
+def quiet_library_noise() -> None:
+    """Hide the progress bars and warnings above; every other message still shows."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name, text in QUIET_LOGS.items():
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+    datasets.disable_progress_bars()  # map/filter over local prompts: instant
+
+    def hide_local_bars(factory, args, kwargs):
+        return factory(*args, **kwargs | {"disable": kwargs.get("desc") in QUIET_BARS or kwargs.get("disable", False)})
+
+    hf_logging.set_tqdm_hook(hide_local_bars)
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; bad input ends with one `error: ...` line on stderr and exit code 2."""
+    quiet_library_noise()
     # Parse errors are raised, not printed after a page of usage, so they get the one-line treatment.
     no_exit = {"exit_on_error": False}
     try:

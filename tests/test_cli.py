@@ -56,6 +56,15 @@ def test_tiny_fit_writes_tensorboard_metrics_and_a_checkpoint(tmp_path):
     assert set(REQUIRED_TAGS) <= tags, set(REQUIRED_TAGS) - tags
     assert len(events.Scalars("objective/kl")) == 3  # one point per PPO iteration
     assert abs(events.Scalars("objective/kl")[0].value) < 1e-4
+    output = result.stdout + result.stderr
+    assert "eval after 3 iterations" in output
+    for noise in LIBRARY_NOISE:
+        assert noise not in output, noise
+
+
+# Library output that says nothing actionable about a run (see cli.quiet_library_noise).
+LIBRARY_NOISE = ("Loading weights", "Map:", "NOT tie them", "`tie_word_embeddings=True`", "in eval mode at the start",
+                 "💡 Tip", "is_gradient_checkpointing", "LeafSpec", "no `validation_step`")
 
 
 BAD_INPUTS = {
