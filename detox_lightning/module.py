@@ -28,7 +28,7 @@ from detox_lightning.checkpointing import (
 )
 from detox_lightning.errors import ConfigError
 from detox_lightning.guards import NONFINITE_PARTS, SkipCounter, nonfinite_parts
-from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
+from detox_lightning.policy import PolicyConfig, build_policy, enable_gradient_checkpointing, reference_mode
 from detox_lightning.rewards import RewardModel
 from detox_lightning.rollout import Experience, Samples, logprobs_and_values, sample, score_rollout
 from detox_lightning.settings import GenerationSettings, PPOSettings, check_settings
@@ -61,6 +61,8 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
         self.policy, self.tokenizer = build_policy(policy)
+        if ppo.gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy, zero_dropout=ppo.disable_dropout)
         self.reward = reward
         if ppo.adap_kl_ctrl:
             self.kl_ctl = ppo_math.AdaptiveKLController(ppo.init_kl_coef, ppo.target, ppo.horizon)
@@ -206,13 +208,19 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         )
         return experience, {k: float(v) for k, v in stats.items()}
 
+    def update_mode(self) -> None:
+        """Eval mode unless dropout is wanted or checkpointing needs train mode (its dropout is 0 then).
+
+        Eval mode is the switch that reaches every dropout (T5's attention dropout is a float, not
+        an nn.Dropout); gradients flow the same.
+        """
+        self.policy.train(not self.ppo.disable_dropout or self.ppo.gradient_checkpointing)
+
     def ppo_update(self, exp: Experience) -> dict[str, float]:
         """Step 6: `ppo_epochs` passes over shuffled mini-batches; one optimizer step each."""
         ppo = self.ppo
         optimizer = self.optimizers()
-        # Eval mode is the only switch that reaches every dropout (T5's attention dropout is a
-        # float, not an nn.Dropout); gradients flow the same.
-        self.policy.train(not ppo.disable_dropout)
+        self.update_mode()
         micro_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
         stats = defaultdict(list)
         for _ in range(ppo.ppo_epochs):

@@ -153,6 +153,21 @@ def save_adapter(peft_model, tokenizer, directory: str | Path, card: str, extra:
     return directory
 
 
+def enable_gradient_checkpointing(model: AutoModelForSeq2SeqLMWithValueHead, zero_dropout: bool) -> None:
+    """Recompute the base model's blocks in backward; with `zero_dropout`, train mode computes as eval mode.
+
+    Every `nn.Dropout` (base, LoRA, value head) gets p = 0, and so does T5 attention's float
+    `dropout`, the one dropout that is not a module.
+    """
+    model.pretrained_model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    if zero_dropout:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+            elif isinstance(getattr(module, "dropout", None), float):
+                module.dropout = 0.0
+
+
 def freeze_all_but_policy(model: AutoModelForSeq2SeqLMWithValueHead) -> None:
     """requires_grad only on the policy adapter's LoRA weights and the value head."""
     for name, param in model.named_parameters():

@@ -58,6 +58,10 @@ class PPOSettings:
         disable_dropout: keep the policy and value head in eval mode during the PPO update, so that
             old and new log-probs agree and at the first iteration the policy equals the reference
             (KL 0, ratio 1). False: dropout on in the update, as the notebook.
+        gradient_checkpointing: recompute each T5 block's activations in the update's backward pass
+            instead of keeping them (less memory for about one more forward pass per mini-batch).
+            Checkpointing runs only in train mode, so with `disable_dropout` every dropout
+            probability of the policy is set to 0 and the update runs in train mode.
         logprobs_from_generate: take rollout log-probs and values from `generate`'s own logits and
             hidden states instead of a second forward pass. Costs memory: generation's (B, T, V)
             step logits live until the rollout is scored; False trades that for a forward pass.
@@ -86,6 +90,7 @@ class PPOSettings:
     score_scaling: bool = False
     missing_eos_penalty: float | None = None
     disable_dropout: bool = True
+    gradient_checkpointing: bool = False
     logprobs_from_generate: bool = True
     max_consecutive_skips: int = 3
 

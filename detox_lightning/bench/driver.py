@@ -50,7 +50,9 @@ def memory_worker(args) -> None:
 
 def measure_memory(way: str, args) -> dict:
     cmd = [sys.executable, "-m", "detox_lightning.bench", "--worker", way, "--model-dir", args.model_dir]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in FORWARDED]
+    for key, value in vars(args).items():
+        if key in FORWARDED and value is not False:  # flags: forwarded when set
+            cmd.append(f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}"))
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"memory worker {way!r} failed:\n{res.stderr[-3000:]}")
@@ -58,7 +60,7 @@ def measure_memory(way: str, args) -> dict:
 
 
 FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
-             "new_tokens", "reward_batch_size", "eval_prompts", "eval_batch_size", "seed", "workdir")
+             "gradient_checkpointing", "new_tokens", "reward_batch_size", "eval_prompts", "eval_batch_size", "seed", "workdir")
 
 
 def setup(args):
@@ -152,7 +154,8 @@ def run(args) -> dict:
         "split": {w: {k: round(v, 3) for k, v in s.items()} for w, s in splits.items()},
         "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
-        "grad_accum": args.grad_accum, "reward_batch_size": args.reward_batch_size,
+        "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
+        "reward_batch_size": args.reward_batch_size,
         "new_tokens": args.new_tokens, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
         "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
         "cpu": cpu_name(), "versions": versions(),
@@ -210,6 +213,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--grad-accum", type=int, default=1,
                    help="this module only: micro-batches per mini-batch (less memory; the same gradient when "
                         "responses are equally long)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="this module only: recompute activations in the update's backward (less memory)")
     p.add_argument("--new-tokens", type=int, default=64, help="exact length of every response")
     p.add_argument("--reward-batch-size", type=int, default=8,
                    help="texts per classifier forward, this module and the floor (the notebook's pipeline: 16)")

@@ -136,7 +136,8 @@ def make_module(args, policy_dir: str, reward_dir: str):
     return PPODetoxModule(
         reward=HFClassifierReward(reward_dir, batch_size=args.reward_batch_size),
         policy=PolicyConfig(model_name_or_path=policy_dir, dtype=DTYPES[args.dtype]),
-        ppo=PPOSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1),
+        ppo=PPOSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1,
+                        gradient_checkpointing=args.gradient_checkpointing),
         # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token)
         generation=GenerationSettings(min_length=args.new_tokens + 1, output_min_length=args.new_tokens,
                                       output_max_length=args.new_tokens),
