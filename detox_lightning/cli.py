@@ -66,21 +66,29 @@ QUIET_LOGS = {
 QUIET_BARS = ("Loading weights", "Writing model shards")  # instant for local files; downloads keep their bars
 
 
+def _not_quiet_log(record: logging.LogRecord) -> bool:
+    text = QUIET_LOGS.get(record.name)
+    return text is None or text not in record.getMessage()
+
+
+def _hide_local_bars(factory, args, kwargs):
+    return factory(*args, **kwargs | {"disable": kwargs.get("desc") in QUIET_BARS or kwargs.get("disable", False)})
+
+
 def quiet_library_noise() -> None:
-    """Hide the progress bars and warnings above; every other message still shows."""
+    """Hide the progress bars and warnings above; every other message still shows.
+
+    Safe to call again (as tests call `main` repeatedly): filters are added once.
+    """
     import datasets
     from transformers.utils import logging as hf_logging
 
     for pattern in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name, text in QUIET_LOGS.items():
-        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
+    for name in QUIET_LOGS:
+        logging.getLogger(name).addFilter(_not_quiet_log)  # the same function: added once
     datasets.disable_progress_bars()  # map/filter over local prompts: instant
-
-    def hide_local_bars(factory, args, kwargs):
-        return factory(*args, **kwargs | {"disable": kwargs.get("desc") in QUIET_BARS or kwargs.get("disable", False)})
-
-    hf_logging.set_tqdm_hook(hide_local_bars)
+    hf_logging.set_tqdm_hook(_hide_local_bars)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -114,6 +114,8 @@ class HFClassifierReward(RewardModel):
         if not texts:
             return out
         encode = partial(self.tokenizer, truncation=True, max_length=self.max_length)
+        # Tokenized twice (lengths, then per chunk): cheap next to the classifier, and the fast
+        # tokenizer's own padding avoids `tokenizer.pad`'s slow path.
         lengths = [len(ids) for ids in encode(texts)["input_ids"]]
         order = sorted(range(len(texts)), key=lengths.__getitem__)
         for start in range(0, len(order), self.batch_size):

@@ -39,10 +39,11 @@ def memory_worker(args) -> None:
     else:
         run_way(args.worker, module, batches[:1], args, clock)
     clock.boundary()
-    out = {"peak_rss_mb": rss_mb("VmHWM"), "baseline_rss_mb": baseline}
-    if clock.peak_mb is not None:  # VmHWM was reset at each boundary: the peak is the phases' highest
+    if clock.peak_mb is None:
+        out = {"peak_rss_mb": rss_mb("VmHWM"), "baseline_rss_mb": baseline}
+    else:  # VmHWM was reset at each boundary: the peak is the phases' highest
         phases = {{"experience": "logprobs"}.get(k, k): round(v) for k, v in clock.peak_mb.items()}
-        out |= {"peak_rss_mb": max(clock.peak_mb.values()), "rss_phases_mb": phases}
+        out = {"peak_rss_mb": max(clock.peak_mb.values()), "baseline_rss_mb": baseline, "rss_phases_mb": phases}
     if args.device == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
