@@ -61,6 +61,10 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
         self.policy, self.tokenizer = build_policy(policy)
+        # generate's logits round as the teacher-forced forward only in float32 (PPOSettings docs)
+        self.logprobs_from_generate = (
+            policy.dtype == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
+        )
         if ppo.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, zero_dropout=ppo.disable_dropout)
         self.reward = reward
@@ -102,10 +106,8 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         self.policy.eval()
         kwargs = self.generation_kwargs(max_new_tokens)
         try:
-            if reference:
-                with reference_mode(self.policy, input_ids.shape[0]) as adapter_kwargs:
-                    return sample(self.policy, input_ids, attention_mask, kwargs, keep_logits, **adapter_kwargs)
-            return sample(self.policy, input_ids, attention_mask, kwargs, keep_logits)
+            with reference_mode(self.policy) if reference else contextlib.nullcontext():
+                return sample(self.policy, input_ids, attention_mask, kwargs, keep_logits)
         finally:
             self.policy.train(was_training)
 
@@ -140,7 +142,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
 
         # 1. rollout: one batched generate
         samples = self.sample(
-            input_ids, attention_mask, self.draw_max_new_tokens(), keep_logits=ppo.logprobs_from_generate
+            input_ids, attention_mask, self.draw_max_new_tokens(), keep_logits=self.logprobs_from_generate
         )
         ids, mask = samples.response_ids, samples.mask
 

@@ -80,7 +80,6 @@ def sample(
     attention_mask: torch.Tensor,
     generation_kwargs: dict,
     keep_logits: bool = False,
-    **adapter_kwargs,
 ) -> Samples:
     """One batched `generate` call; with `keep_logits`, also its raw logits and values.
 
@@ -96,7 +95,6 @@ def sample(
         output_logits=keep_logits,
         output_hidden_states=keep_logits,
         **generation_kwargs,
-        **adapter_kwargs,
     )
     response_ids = out.sequences[:, 1:]
     mask = ppo_math.response_mask(response_ids, config.eos_token_id)
@@ -121,7 +119,6 @@ def logprobs_and_values(
     decoder_input_ids: torch.Tensor,
     response_ids: torch.Tensor,
     temperature: float,
-    **adapter_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One teacher-forced forward pass.
 
@@ -132,7 +129,6 @@ def logprobs_and_values(
         input_ids=input_ids,
         attention_mask=attention_mask,
         decoder_input_ids=decoder_input_ids,
-        **adapter_kwargs,
     )
     return logits, token_logprobs(logits, response_ids, temperature), values.float()
 
@@ -164,7 +160,7 @@ def score_rollout(
     attention_mask: torch.Tensor,
     temperature: float,
     chunk_size: int,
-    reference_mode: Callable[[int], AbstractContextManager[dict]],
+    reference_mode: Callable[[], AbstractContextManager],
     with_full_kl: bool = False,
 ) -> RolloutScores:
     """Policy and reference figures of `samples`, `chunk_size` rows at a time.
@@ -173,8 +169,8 @@ def score_rollout(
     chunk is trimmed to its own longest prompt and response; only one chunk's (b, t, V)
     policy and reference logits are alive at once (the whole batch's would be B / b times larger:
     ~0.8 GB for FLAN-T5 at batch 16 x 400 tokens). The policy's figures come from generation when
-    `samples` kept its logits, else from a forward pass. `reference_mode(b)` is the context that
-    runs the frozen reference for `b` rows (see `policy.reference_mode`).
+    `samples` kept its logits, else from a forward pass. `reference_mode()` is the context that
+    runs the frozen reference (see `policy.reference_mode`).
     """
     length = samples.response_ids.shape[1]
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -188,8 +184,8 @@ def score_rollout(
             logits, values = samples.logits(rows, t), samples.values[rows, :t]
         else:
             logits, _, values = model(**enc, decoder_input_ids=dec)
-        with reference_mode(len(rows)) as kwargs:
-            ref_logits, _, _ = model(**enc, decoder_input_ids=dec, **kwargs)
+        with reference_mode():
+            ref_logits, _, _ = model(**enc, decoder_input_ids=dec)
         logits, ref_logits = _scaled(logits, temperature), _scaled(ref_logits, temperature)
         chunk = {
             "logprobs": selective_log_softmax(logits, ids),

@@ -175,7 +175,7 @@ def test_rollout_logprobs_from_generate_equal_a_forward_pass(tiny_t5, tiny_class
     batch = first_batch(sample_data, tiny_t5)
     runs = []
     for from_generate in (True, False):
-        module.ppo.logprobs_from_generate = from_generate
+        module.logprobs_from_generate = from_generate
         torch.manual_seed(0)
         runs.append(module.make_experience(batch))
     (a, stats_a), (b, stats_b) = runs
@@ -199,8 +199,8 @@ def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed
     args = (exp.input_ids, exp.attention_mask, exp.decoder_input_ids, exp.response_ids, 1.0)
     with torch.no_grad():
         logits, logprobs, _ = logprobs_and_values(module.policy, *args)
-        with reference_mode(module.policy, len(exp.mask)) as kwargs:
-            ref_logits, ref_logprobs, _ = logprobs_and_values(module.policy, *args, **kwargs)
+        with reference_mode(module.policy):
+            ref_logits, ref_logprobs, _ = logprobs_and_values(module.policy, *args)
     if kl_penalty == "full":
         kl = ppo_math.full_kl(logits, ref_logits)
     else:

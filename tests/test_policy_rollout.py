@@ -54,13 +54,13 @@ def test_starting_adapter_is_kept_frozen_as_reference_on_the_same_base(tiny_t5, 
     model.eval()
     with torch.no_grad():
         _, policy_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
-        with reference_mode(model, ids.shape[0]) as kwargs:
-            _, ref_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0, **kwargs)
+        with reference_mode(model):
+            _, ref_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
         with model.pretrained_model.disable_adapter():
             _, base_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
     torch.testing.assert_close(ref_lp, policy_lp)  # reference = the starting adapter ...
     assert (base_lp - policy_lp).abs().max() > 1e-2  # ... which is not the bare base model
-    # the per-call adapter selection left requires_grad as it was
+    # switching to the reference and back left requires_grad as it was
     assert trainable_names(model) == {n for n in params if ".policy." in n and "lora_" in n} | {
         "v_head.summary.weight",
         "v_head.summary.bias",
@@ -135,8 +135,8 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
     args = (input_ids, attention_mask, samples.decoder_input_ids, samples.response_ids, temperature)
     with torch.no_grad():
         logits, logprobs, values = logprobs_and_values(model, *args)
-        with reference_mode(model, 5) as ref_kwargs:
-            ref_logits, ref_logprobs, _ = logprobs_and_values(model, *args, **ref_kwargs)
+        with reference_mode(model):
+            ref_logits, ref_logprobs, _ = logprobs_and_values(model, *args)
     expected = {
         "logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values,
         "entropy": entropy_from_logits(logits / temperature),
