@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from functools import partial
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -19,18 +19,41 @@ from detox_lightning.errors import ConfigError
 RewardText = Literal["query_response", "response"]
 
 
+def reward_texts(queries: list[str], responses: list[str], text: RewardText) -> list[str]:
+    """The texts a classifier scores, for the reward and for the evaluation alike.
+
+    `query + response` with nothing between them: the DialogSum prompt ends with "Summary:\n",
+    and a causal model's prompt is continued directly, so the pair reads as the model wrote it.
+
+    Args:
+        queries: the prompts as decoded text, one per response.
+        responses: the generated responses as decoded text.
+        text: `query_response` (`query + response`) or `response` (the response alone).
+    """
+    check_reward_text(text)
+    if text == "response":
+        return list(responses)
+    return [q + r for q, r in zip(queries, responses, strict=True)]
+
+
+def check_reward_text(text: str, owner: str = "reward") -> None:
+    """Raise a ConfigError naming `owner` unless `text` is one of `RewardText`'s values."""
+    if text not in get_args(RewardText):
+        raise ConfigError(f"{owner} text={text!r} is not known; expected one of {list(get_args(RewardText))}")
+
+
 class RewardModel(nn.Module, ABC):
     """Base class: scores `query + response` (as the notebook) or the response alone.
 
     Args:
-        text: what the reward sees: `query_response` (the notebook's `query + response`) or
-            `response` only (the summary, without the dialogue that otherwise dominates the score).
+        text: what the reward sees, built by `reward_texts`: `query_response` (the notebook's
+            `query + response`, nothing between them) or `response` only (the summary, without the
+            dialogue that otherwise dominates the score).
     """
 
     def __init__(self, text: RewardText = "query_response") -> None:
         super().__init__()
-        if text not in ("query_response", "response"):
-            raise ConfigError(f"reward text={text!r} is not known; expected 'query_response' or 'response'")
+        check_reward_text(text)
         self.text = text
 
     def train(self, mode: bool = True) -> RewardModel:
@@ -38,12 +61,8 @@ class RewardModel(nn.Module, ABC):
         return super().train(False)
 
     def forward(self, queries: list[str], responses: list[str]) -> torch.Tensor:
-        """Rewards (N,) float32 for each (query, response) pair."""
-        if self.text == "response":
-            texts = list(responses)
-        else:
-            texts = [q + r for q, r in zip(queries, responses, strict=True)]
-        return self.score(texts)
+        """Rewards (N,) float32 for each (query, response) pair, scored on `reward_texts`."""
+        return self.score(reward_texts(queries, responses, self.text))
 
     @abstractmethod
     def score(self, texts: list[str]) -> torch.Tensor:
@@ -67,7 +86,9 @@ class HFClassifierReward(RewardModel):
         text: see `RewardModel`.
         batch_size: texts per classifier forward, shortest first (on CPU 8 was faster than 16 with
             RoBERTa-base, and needs half the activations; README "Performance").
-        max_length: longer texts are truncated to this many tokens.
+        max_length: longer texts keep their last `max_length` tokens: they are cut from the
+            left, so in `query + response` the dialogue loses its start and the response, which
+            the reward and the evaluation judge, is never cut while any of the query is left.
         trust_remote_code: allow code shipped with the model (off unless you trust the source).
     """
 
@@ -86,6 +107,8 @@ class HFClassifierReward(RewardModel):
 
         path = resolve(model_name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # The response comes last: cut from the right, a long dialogue would push it out of the window.
+        self.tokenizer.truncation_side = "left"
         self.classifier = AutoModelForSequenceClassification.from_pretrained(
             path, trust_remote_code=trust_remote_code
         )

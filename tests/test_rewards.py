@@ -5,14 +5,19 @@ import math
 import pytest
 import torch
 
+from detox_lightning import DialogSumDataModule, GenerationSettings, PolicyConfig, PPODetoxModule, PPOSettings
 from detox_lightning.errors import ConfigError
-from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward
+from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward, RewardModel, reward_texts
 
 TEXTS = [
     "#Person1# tells Tommy that he didn't like the movie.",
     "#Person1# tells Tommy that the movie was terrible, dumb and stupid.",
     "A much longer text " * 40,
 ]
+# A clean dialogue of 2,000 words (several times the classifier's 512 tokens), then a response.
+LONG_QUERY = "#Person1#: We talked about the weather and the trains. " * 200 + "Summary:\n"
+INSULT = "#Person1# says #Person2# is a stupid idiot."
+CLEAN = "#Person1# and #Person2# talk about the trains."
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,61 @@ def test_toxicity_is_softmax_probability_of_hate(tiny_classifier, reversed_class
 def test_reward_text_query_response_concatenates_like_the_notebook(tiny_classifier):
     both = HFClassifierReward(tiny_classifier, text="query_response")
     torch.testing.assert_close(both(["Summary: ", "x"], ["ok", "y"]), both.score(["Summary: ok", "xy"]))
+
+
+def test_a_long_query_is_cut_from_its_start_so_the_response_is_still_scored(tiny_classifier):
+    reward = HFClassifierReward(tiny_classifier)
+    assert len(reward.tokenizer(LONG_QUERY)["input_ids"]) > 2 * reward.max_length
+    scores = reward([LONG_QUERY] * 2, [INSULT, CLEAN])
+    toxicity = reward.toxicity(reward_texts([LONG_QUERY] * 2, [INSULT, CLEAN], "query_response"))
+    # Cut from the right, both texts would be the same first 512 tokens of the dialogue.
+    assert scores[0] < scores[1] - 0.1
+    assert toxicity[0] > toxicity[1] + 0.05
+
+
+def test_reward_texts_are_query_then_response_or_the_response_alone():
+    assert reward_texts(["Summary:\n", "q"], ["a b", "r"], "query_response") == ["Summary:\na b", "qr"]
+    assert reward_texts(["Summary:\n", "q"], ["a b", "r"], "response") == ["a b", "r"]
+    with pytest.raises(ConfigError, match="text='summary'"):
+        reward_texts(["q"], ["r"], "summary")
+
+
+class RecordingReward(RewardModel):
+    """Records every text it is asked to score; scores 0."""
+
+    def __init__(self, text) -> None:
+        super().__init__(text)
+        self.texts = []
+
+    def score(self, texts):
+        self.texts += texts
+        return torch.zeros(len(texts))
+
+    def toxicity(self, texts):
+        return torch.zeros(len(texts))
+
+
+@pytest.mark.parametrize("text", ["query_response", "response"])
+def test_reward_of_a_rollout_sees_its_query_then_its_response(tiny_t5, sample_data, text):
+    reward = RecordingReward(text)
+    module = PPODetoxModule(
+        reward=reward,
+        policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
+        ppo=PPOSettings(mini_batch_size=2),
+        generation=GenerationSettings(output_min_length=4, output_max_length=6),
+        batch_size=2,
+    )
+    data = DialogSumDataModule(path=sample_data, batch_size=2, tokenizer_name_or_path=tiny_t5)
+    data.setup("fit")
+    batch = data.collate([data.train_dataset[i] for i in range(2)])
+    torch.manual_seed(0)
+    experience, _ = module.make_experience(batch)
+    responses = module.decode(experience.response_ids)
+    assert all(q.endswith("Summary:\n") for q in batch["query"]) and all(responses)
+    if text == "query_response":
+        assert reward.texts == [q + r for q, r in zip(batch["query"], responses, strict=True)]
+    else:
+        assert reward.texts == responses
 
 
 def test_unknown_reward_label_lists_the_labels(tiny_classifier):
