@@ -57,7 +57,8 @@ class DialogSumDataModule(pl.LightningDataModule):
         split_seed: seed of the train/test split (used when `shuffle_split`).
         shuffle_split: shuffle before splitting (the notebook does not).
         batch_size: prompts per PPO iteration.
-        max_prompt_tokens: truncate longer prompts to this many tokens; None: keep them whole.
+        max_prompt_tokens: cut the dialogue of longer prompts so that the whole prompt, instruction
+            included, takes at most this many tokens; None: keep them whole.
         tokenizer_name_or_path: tokenizer to use; None: the trained model's own.
         num_workers: DataLoader workers.
     """
@@ -87,6 +88,8 @@ class DialogSumDataModule(pl.LightningDataModule):
             problems.append(f"data.test_size={test_size} must lie in (0, 1)")
         if batch_size < 1:
             problems.append(f"data.batch_size={batch_size} must be at least 1")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            problems.append(f"data.max_prompt_tokens={max_prompt_tokens} must be at least 1")
         if problems:
             raise ConfigError("; ".join(problems))
         self.path = path
@@ -142,6 +145,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         if self.train_dataset is not None:
             return
         self.tokenizer = self.load_tokenizer()
+        self.check_prompt_budget()
         splits = self.load_splits().map(self.tokenize, remove_columns=["dialogue"])
         self.train_dataset, self.test_dataset = splits["train"], splits["test"]
         if len(self.train_dataset) < self.batch_size:
@@ -158,10 +162,53 @@ class DialogSumDataModule(pl.LightningDataModule):
             raise ConfigError("data.tokenizer_name_or_path is needed when the data module is used without a model")
         return self.trainer.lightning_module.tokenizer
 
+    def check_prompt_budget(self) -> None:
+        """Raise when `max_prompt_tokens` cannot hold the template with at least one dialogue token."""
+        if self.max_prompt_tokens is None:
+            return
+        template = len(self.tokenizer(self.prompt_template.format(dialogue=""))["input_ids"])
+        if template >= self.max_prompt_tokens:
+            raise ConfigError(
+                f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for the dialogue: the prompt "
+                f"template alone takes {template} tokens (special tokens included); raise it above {template}"
+            )
+        if not self.tokenizer.is_fast:
+            raise ConfigError(
+                "data.max_prompt_tokens needs a fast tokenizer (it cuts the dialogue at token offsets); "
+                f"{type(self.tokenizer).__name__} is not one"
+            )
+
+    def fit_prompt(self, dialogue: str) -> list[int]:
+        """The prompt's token ids, its dialogue cut at a token boundary to fit `max_prompt_tokens`.
+
+        Only the dialogue is cut: truncating the formatted prompt would drop the instruction after it
+        (the notebook's `Summary:`). Tokens merge across the template's edges (the tiny T5 writes
+        `conversation.\n\n#Person1#:` as one), so the dialogue's own token count does not tell how
+        much fits; a binary search over its token boundaries finds the longest prefix that does.
+        """
+        input_ids = self.tokenizer(self.prompt_template.format(dialogue=dialogue))["input_ids"]
+        limit = self.max_prompt_tokens
+        if limit is None or len(input_ids) <= limit:
+            return input_ids
+        offsets = self.tokenizer(dialogue, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ends = [0] + [end for _, end in offsets]  # ends[k]: characters of the first k dialogue tokens
+
+        def prompt_ids(k: int) -> list[int]:
+            return self.tokenizer(self.prompt_template.format(dialogue=dialogue[: ends[k]]))["input_ids"]
+
+        fits, too_long = 0, len(ends) - 1  # 0 tokens: the bare template, which fits (check_prompt_budget)
+        best = prompt_ids(0)
+        while too_long - fits > 1:
+            mid = (fits + too_long) // 2
+            ids = prompt_ids(mid)
+            if len(ids) <= limit:
+                fits, best = mid, ids
+            else:
+                too_long = mid
+        return best
+
     def tokenize(self, row: dict) -> dict:
-        prompt = self.prompt_template.format(dialogue=row["dialogue"])
-        truncate = self.max_prompt_tokens is not None
-        input_ids = self.tokenizer(prompt, truncation=truncate, max_length=self.max_prompt_tokens)["input_ids"]
+        input_ids = self.fit_prompt(row["dialogue"])
         return {"input_ids": input_ids, "query": self.tokenizer.decode(input_ids, skip_special_tokens=True)}
 
     def collate(self, rows: list[dict]) -> dict:

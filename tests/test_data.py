@@ -93,3 +93,66 @@ def test_every_rank_shuffles_with_rank_zeros_seed(sample_data, tiny_t5):
     rank_zero_seed = 1234
     data.trainer = SimpleNamespace(strategy=SimpleNamespace(broadcast=lambda obj, src=0: rank_zero_seed))
     assert data.train_dataloader().sampler.seed == rank_zero_seed
+
+
+def long_dialogue(chars=1000):
+    """A DialogSum-like dialogue of about `chars` characters (the shipped configs keep up to 1000)."""
+    turns = ["#Person1#: Could you tell me how to get to the station from here?",
+             "#Person2#: Sure. Go straight on and turn left at the second crossing, then it is on your right."]
+    text = "\n".join(turns[i % 2] for i in range(chars // 40))
+    return text[:chars]
+
+
+def truncating_data(tiny_t5, max_prompt_tokens):
+    data = DialogSumDataModule(batch_size=2, max_prompt_tokens=max_prompt_tokens, tokenizer_name_or_path=tiny_t5)
+    data.tokenizer = data.load_tokenizer()
+    data.check_prompt_budget()
+    return data
+
+
+def assert_fits_with_instruction(data, dialogue, max_prompt_tokens):
+    """The prompt keeps its instruction, fits, and holds the longest dialogue prefix that fits."""
+    row = data.tokenize({"dialogue": dialogue})
+    ids, query = row["input_ids"], row["query"]
+    assert len(ids) <= max_prompt_tokens and ids[-1] == data.tokenizer.eos_token_id
+    assert query.rstrip().endswith("Summary:"), query[-80:]  # the instruction after the dialogue survived
+    assert query.strip().startswith("Summarize the following conversation.")
+
+    def prompt_ids(k):  # the prompt of the dialogue's first k tokens
+        offsets = data.tokenizer(dialogue, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return data.tokenizer(NOTEBOOK_PROMPT.format(dialogue=dialogue[: offsets[k - 1][1]]))["input_ids"]
+
+    kept = next(k for k in range(1, max_prompt_tokens) if prompt_ids(k) == ids)  # a cut at a token boundary
+    assert len(prompt_ids(kept + 1)) > max_prompt_tokens  # one token more would not fit
+    return ids
+
+
+@pytest.mark.parametrize("max_prompt_tokens", [16, 64, 200])
+def test_max_prompt_tokens_cuts_the_dialogue_and_keeps_the_instruction(tiny_t5, max_prompt_tokens):
+    data = truncating_data(tiny_t5, max_prompt_tokens)
+    dialogue = long_dialogue()
+    assert len(data.tokenizer(NOTEBOOK_PROMPT.format(dialogue=dialogue))["input_ids"]) > max_prompt_tokens
+    assert_fits_with_instruction(data, dialogue, max_prompt_tokens)
+    short = "#Person1#: Hi. #Person2#: Hello."
+    assert data.tokenize({"dialogue": short})["input_ids"] == data.tokenizer(NOTEBOOK_PROMPT.format(dialogue=short))[
+        "input_ids"
+    ]  # prompts that fit are left alone
+
+
+@pytest.mark.skipif(not REAL_TRAIN.is_file(), reason="real DialogSum data (../shared/data/dialogsum) is absent")
+def test_max_prompt_tokens_keeps_the_instruction_on_real_dialogsum(tiny_t5):
+    import json
+
+    with open(REAL_TRAIN) as f:
+        dialogues = [d for d in (json.loads(line)["dialogue"] for line in f) if 900 < len(d) <= 1000][:20]
+    data = truncating_data(tiny_t5, 96)
+    for dialogue in dialogues:
+        assert_fits_with_instruction(data, dialogue, 96)
+
+
+@pytest.mark.parametrize("max_prompt_tokens", [5, 10])
+def test_max_prompt_tokens_too_small_for_the_template_is_named(sample_data, tiny_t5, max_prompt_tokens):
+    # the tiny tokenizer writes the notebook's template in 10 tokens, </s> included
+    data = DialogSumDataModule(path=sample_data, max_prompt_tokens=max_prompt_tokens, tokenizer_name_or_path=tiny_t5)
+    with pytest.raises(ConfigError, match=rf"max_prompt_tokens={max_prompt_tokens} leaves no room .* takes 10 tokens"):
+        data.setup("fit")
