@@ -12,7 +12,7 @@ import math
 import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,7 +25,7 @@ from detox_lightning.checkpointing import ppo_iterations
 from detox_lightning.errors import ConfigError
 from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
 from detox_lightning.policy import save_adapter
-from detox_lightning.rewards import RewardModel
+from detox_lightning.rewards import RewardModel, RewardText, reward_texts
 
 TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
 
@@ -49,12 +49,15 @@ class ToxicityEvaluation(Callback):
     Args:
         num_prompts: held-out prompts from the data module's test split (capped, with a warning,
             at the split's size).
-        every_n_iterations: also evaluate every N PPO iterations; 0: only before and after.
+        every_n_iterations: also evaluate every N PPO iterations; 0: only before and after. When
+            the last iteration is a multiple of N, its evaluation is also the final one (run once).
         max_new_tokens: response cap (the notebook's evaluation uses 100).
         samples_per_prompt: responses per prompt; a prompt's toxicity is their mean.
         seed: generation seed, the same for every evaluation so before and after are paired.
-        text: what is scored: `query_response` (`query + " " + response`, the notebook's
-            evaluation) or `response` (the summary alone).
+        text: what the toxicity classifiers see, built as the reward's texts (`reward_texts`):
+            `query_response` (`query + response`, the notebook's evaluation) or `response` (the
+            summary alone). Long texts are cut as the classifier cuts them (`HFClassifierReward`
+            keeps their end, so the response is never cut before the query).
         judge: a second classifier (e.g. ProfanityCheckReward) that also scores the responses, to
             reveal reward hacking; None: the reward component only.
         table_rows: prompts in the before/after table.
@@ -71,7 +74,7 @@ class ToxicityEvaluation(Callback):
         max_new_tokens: int = 100,
         samples_per_prompt: int = 1,
         seed: int = 1234,
-        text: Literal["query_response", "response"] = "query_response",
+        text: RewardText = "query_response",
         judge: RewardModel | None = None,
         table_rows: int = 20,
         bootstrap_resamples: int = 2000,
@@ -91,8 +94,8 @@ class ToxicityEvaluation(Callback):
             )
             if value < low
         ]
-        if text not in ("query_response", "response"):
-            problems.append(f"text={text!r} must be 'query_response' or 'response'")
+        if text not in get_args(RewardText):
+            problems.append(f"text={text!r} must be one of {list(get_args(RewardText))}")
         if problems:
             raise ConfigError("ToxicityEvaluation: " + "; ".join(problems))
         self.num_prompts = num_prompts
@@ -109,6 +112,8 @@ class ToxicityEvaluation(Callback):
         self.show_examples = show_examples
         self.before: Outputs | None = None
         self.last_metrics: dict[str, float] = {}
+        self.last_outputs: Outputs | None = None
+        self.last_step: int | None = None  # iteration of the latest policy evaluation of this run
 
     # ---- generation and scoring ----
 
@@ -162,18 +167,16 @@ class ToxicityEvaluation(Callback):
                     lengths.append([lens[i] for _, lens in per_sample])
         flat_q = [q for q in queries for _ in range(k)]
         flat_r = [r for rs in responses for r in rs]
-        texts = [q + " " + r for q, r in zip(flat_q, flat_r, strict=True)] if self.text == "query_response" else flat_r
         shape = (len(queries), k)
 
         def toxicity(scorer: RewardModel) -> np.ndarray:
-            if not texts:  # a rank without a batch (fewer batches than ranks)
+            if not flat_r:  # a rank without a batch (fewer batches than ranks)
                 return np.zeros(shape)
-            values = Toxicity(scorer.toxicity, keep_in_memory=True).compute(predictions=texts)["toxicity"]
-            return np.asarray(values).reshape(shape)
+            return toxicity_of(scorer, flat_q, flat_r, self.text).reshape(shape)
 
         rouge = None
         has_summaries = all(s is not None for s in summaries)
-        if texts and has_summaries:
+        if flat_r and has_summaries:
             refs = [s for s in summaries for _ in range(k)]
             scores = Rouge(keep_in_memory=True).compute(predictions=flat_r, references=refs)
             rouge = {name: np.asarray(v).reshape(shape) for name, v in scores.items()}
@@ -181,7 +184,7 @@ class ToxicityEvaluation(Callback):
             queries=queries,
             responses=responses,
             toxicity=toxicity(module.reward),
-            reward=module.reward(flat_q, flat_r).cpu().numpy().reshape(shape) if texts else np.zeros(shape),
+            reward=module.reward(flat_q, flat_r).cpu().numpy().reshape(shape) if flat_r else np.zeros(shape),
             length=np.asarray(lengths, dtype=np.float64).reshape(shape),
             judge_toxicity=toxicity(self.judge) if self.judge is not None else None,
             rouge=rouge,
@@ -254,7 +257,7 @@ class ToxicityEvaluation(Callback):
     def evaluate(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, label: str) -> dict[str, float]:
         after = self.generate_and_score(trainer, module, reference=False)
         metrics = self.compare(after)
-        self.last_metrics, self.last_outputs = metrics, after
+        self.last_metrics, self.last_outputs, self.last_step = metrics, after, step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         rank_zero_info(self.describe(label, metrics, len(after.queries)))
@@ -263,6 +266,7 @@ class ToxicityEvaluation(Callback):
     def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.judge is not None:
             self.judge.to(module.device)
+        self.last_outputs, self.last_step = None, None  # a policy evaluation of an earlier run is stale
         # The reference, not the policy: after a resume the policy has already moved.
         self.before = self.generate_and_score(trainer, module, reference=True)
         self.before_metrics = self.compare(self.before)
@@ -290,7 +294,12 @@ class ToxicityEvaluation(Callback):
         self.finish(trainer, pl_module, 0, "checkpoint", export=False)
 
     def finish(self, trainer, module, step: int, label: str, export: bool | None = None) -> None:
-        self.evaluate(trainer, module, step, label)
+        if self.last_step == step and self.last_outputs is not None:
+            # The periodic evaluation already ran at this iteration, and the policy has not moved
+            # since: sampling again would cost a full evaluation and log the step twice.
+            rank_zero_info(self.describe(label, self.last_metrics, len(self.last_outputs.queries)))
+        else:
+            self.evaluate(trainer, module, step, label)
         log_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
@@ -344,6 +353,20 @@ class ToxicityEvaluation(Callback):
                 "trl": trl.__version__,
             },
         }
+
+
+def toxicity_of(scorer: RewardModel, queries: list[str], responses: list[str], text: RewardText) -> np.ndarray:
+    """Toxicity (N,) of each (query, response) pair under `scorer`, on the reward's texts.
+
+    Args:
+        scorer: the reward component or a judge; its `toxicity` is the classifier's probability.
+        queries: one prompt per response.
+        responses: the decoded responses.
+        text: `query_response` or `response`, as `reward_texts`.
+    """
+    texts = reward_texts(queries, responses, text)
+    values = Toxicity(scorer.toxicity, keep_in_memory=True).compute(predictions=texts)["toxicity"]
+    return np.asarray(values, dtype=np.float64)
 
 
 def gather_outputs(index: list[int], shard: Outputs, has_summaries: bool) -> Outputs:

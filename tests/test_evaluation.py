@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,9 +13,9 @@ import pytest
 import torch
 
 from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
-from detox_lightning.evaluation import TABLE_COLUMNS, ToxicityEvaluation, markdown_table
+from detox_lightning.evaluation import TABLE_COLUMNS, ToxicityEvaluation, markdown_table, toxicity_of
 from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
-from detox_lightning.rewards import ProfanityCheckReward
+from detox_lightning.rewards import ProfanityCheckReward, RewardModel
 from detox_lightning.settings import PPOSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,14 @@ def test_toxicity_measurement_is_the_classifiers_softmax_probability_of_hate(tin
     np.testing.assert_allclose(got, probs[:, model.config.label2id["hate"]].numpy(), rtol=1e-5)
 
 
+def test_toxicity_of_a_long_query_still_sees_the_response(tiny_classifier):
+    long_query = "#Person1#: We talked about the weather and the trains. " * 200 + "Summary:\n"  # 2,000 words
+    responses = ["#Person1# says #Person2# is a stupid idiot.", "#Person1# and #Person2# talk about the trains."]
+    toxicity = toxicity_of(HFClassifierReward(tiny_classifier), [long_query] * 2, responses, "query_response")
+    # Cut from the right, both texts would be the same first 512 tokens of the dialogue.
+    assert toxicity[0] > toxicity[1] + 0.05
+
+
 def test_rouge_measurement_matches_rouge_score():
     from rouge_score import rouge_scorer
 
@@ -113,7 +122,7 @@ def fitted(tiny_t5, tiny_classifier, sample_data, tmp_path_factory):
 def test_fit_writes_table_report_and_tensorboard_scalars(fitted):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, _, _, log_dir = fitted
+    _, _, evaluation, log_dir = fitted
     with (log_dir / "toxicity_table.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and list(rows[0]) == TABLE_COLUMNS
@@ -128,13 +137,26 @@ def test_fit_writes_table_report_and_tensorboard_scalars(fitted):
     for key in ("eval/toxicity_mean", "eval/toxicity_delta_ci_low", "eval/judge_toxicity_delta", "eval/rougeL", "eval/response_len_mean"):
         assert key in after and np.isfinite(after[key])
     assert after["eval/toxicity_delta_ci_low"] <= after["eval/toxicity_delta"] <= after["eval/toxicity_delta_ci_high"]
-    assert report["before"]["eval/toxicity_delta"] == 0.0
+    # Each delta is after - before over the same prompts: the report's two means, and the table's
+    # rows against the two evaluations' per-prompt figures, looked up by query.
+    before, final = evaluation.before, evaluation.last_outputs
+    for name in ("toxicity", "judge_toxicity"):
+        delta = after[f"eval/{name}_delta"]
+        assert delta == pytest.approx(after[f"eval/{name}_mean"] - report["before"][f"eval/{name}_mean"], abs=1e-9)
+    assert after["eval/judge_toxicity_delta"] != 0.0  # else the check above could not tell after from before
+    assert final.queries == before.queries
+    index = {q: i for i, q in enumerate(before.queries)}
+    for r in rows:
+        i = index[r["query"]]
+        assert (r["response_before"], r["response_after"]) == (before.responses[i][0], final.responses[i][0])
+        assert float(r["reward_before"]) == pytest.approx(float(before.reward[i, 0]), abs=1e-6)
+        assert float(r["reward_after"]) == pytest.approx(float(final.reward[i, 0]), abs=1e-6)
     assert set(report["versions"]) >= {"torch", "transformers", "peft", "trl", "lightning"}
 
     events = EventAccumulator(str(next(log_dir.glob("events.out.tfevents.*"))))
     events.Reload()
     steps = [e.step for e in events.Scalars("eval/toxicity_mean")]
-    assert steps == [0, 1, 2, 2]  # before, every iteration, and the final evaluation
+    assert steps == [0, 1, 2]  # before, then every iteration; the last one's is also the final evaluation
     assert "eval/before_after/text_summary" in events.Tags()["tensors"]
 
 
@@ -186,12 +208,63 @@ def test_missing_summary_column_skips_rouge_with_a_warning(fitted, tmp_path):
     assert outputs.rouge is None and outputs.toxicity.shape == (2, 1)
 
 
-def test_same_seed_gives_identical_before_and_after_for_an_untrained_policy(fitted):
-    trainer, module, _, _ = fitted
-    evaluation = ToxicityEvaluation(num_prompts=6, max_new_tokens=8, samples_per_prompt=2)
-    a = evaluation.generate_and_score(trainer, module, reference=True)
-    b = evaluation.generate_and_score(trainer, module, reference=True)
-    assert a.responses == b.responses and a.toxicity.shape == (6, 2)
+def untrained_module(tiny_t5, reward, adapter=None):
+    return PPODetoxModule(
+        reward=reward,
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4),
+        ppo=PPOSettings(mini_batch_size=4),
+        generation=GenerationSettings(output_min_length=8, output_max_length=12),
+        batch_size=4,
+    )
+
+
+def no_fit(sample_data, tiny_t5):
+    """What `generate_and_score` reads of a trainer, without a fit: the data and one rank."""
+    data = DialogSumDataModule(path=sample_data, tokenizer_name_or_path=tiny_t5)
+    return SimpleNamespace(datamodule=data, global_rank=0, world_size=1)
+
+
+def test_same_seed_gives_identical_before_and_after_for_an_untrained_policy(
+    tiny_t5, tiny_classifier, sample_data, perturbed_adapter
+):
+    # A non-zero starting adapter: the reference is a frozen copy of it, not the bare base model.
+    module = untrained_module(tiny_t5, HFClassifierReward(tiny_classifier), perturbed_adapter)
+    trainer = no_fit(sample_data, tiny_t5)
+    evaluation = ToxicityEvaluation(num_prompts=6, max_new_tokens=8, samples_per_prompt=2, batch_size=4)
+    before = evaluation.generate_and_score(trainer, module, reference=True)
+    after = evaluation.generate_and_score(trainer, module, reference=False)
+    assert after.responses == before.responses and after.toxicity.shape == (6, 2)
+    np.testing.assert_array_equal(after.toxicity, before.toxicity)
+    np.testing.assert_array_equal(after.reward, before.reward)
+    with module.policy.pretrained_model.disable_adapter():  # the bare base model answers otherwise
+        assert evaluation.generate_and_score(trainer, module, reference=False).responses != before.responses
+
+
+class RecordingReward(RewardModel):
+    """Records the texts of every `score` and `toxicity` call; scores 0."""
+
+    def __init__(self, text) -> None:
+        super().__init__(text)
+        self.scored, self.judged = [], []
+
+    def score(self, texts):
+        self.scored += texts
+        return torch.zeros(len(texts))
+
+    def toxicity(self, texts):
+        self.judged += texts
+        return torch.zeros(len(texts))
+
+
+@pytest.mark.parametrize("text", ["query_response", "response"])
+def test_evaluation_judges_the_texts_the_reward_scores(tiny_t5, sample_data, text):
+    reward, judge = RecordingReward(text), RecordingReward(text)
+    module = untrained_module(tiny_t5, reward)
+    evaluation = ToxicityEvaluation(num_prompts=4, max_new_tokens=6, text=text, judge=judge, batch_size=4)
+    outputs = evaluation.generate_and_score(no_fit(sample_data, tiny_t5), module, reference=False)
+    pairs = [(q, r[0]) for q, r in zip(outputs.queries, outputs.responses, strict=True)]
+    expected = [q + r if text == "query_response" else r for q, r in pairs]
+    assert reward.scored == reward.judged == judge.judged == expected
 
 
 def test_cli_test_evaluates_a_checkpoint_without_training(tmp_path):
