@@ -139,17 +139,34 @@ def ppo_iterations(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory, so that renames and new entries in it survive a power loss (POSIX only)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under `path` and every directory, `path` included: all of it is on disk."""
+    path = Path(path)
+    for item in sorted(path.rglob("*"), reverse=True):  # entries before the directories that hold them
+        if item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+        elif item.is_dir():
+            fsync_dir(item)
+    fsync_dir(path)
+
+
 def atomic_replace(tmp: str, path: str) -> None:
     """fsync `tmp`, rename it over `path`, fsync the directory: `path` is the old or the new file."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 class PPOCheckpoint(ModelCheckpoint):

@@ -131,25 +131,46 @@ def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead,
 
 
 def save_adapter(peft_model, tokenizer, directory: str | Path, card: str, extra: dict | None = None) -> Path:
-    """The policy adapter in PEFT format (safetensors) + tokenizer + model card, written atomically.
+    """The policy adapter in PEFT format (safetensors) + tokenizer + model card, swapped in atomically.
 
     `PeftModel.from_pretrained(base, directory)` loads it. `extra` maps file names to tensor dicts
     saved as safetensors beside it (e.g. the PPO value head).
+
+    The new adapter is written and fsync'ed beside `directory`, the old one is renamed aside to
+    `<directory>.old`, the new one renamed in, the old one removed: at every instant one complete
+    adapter is on disk. An error between the renames puts the old one back; after a crash there
+    (SIGKILL, power loss) `<directory>.old` holds it and the next save puts it back first.
     """
     from safetensors.torch import save_file
 
+    from detox_lightning.checkpointing import fsync_dir, fsync_tree
+
     directory = Path(directory)
+    aside = directory.with_name(directory.name + ".old")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+    if aside.exists():  # left by a crash: between the renames it is the only adapter, after them a stale copy
+        if directory.exists():
+            shutil.rmtree(aside)
+        else:
+            aside.rename(directory)
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.tmp-") as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
         staged = Path(tmp) / POLICY_ADAPTER  # peft saves a non-default adapter in a sub-folder
         tokenizer.save_pretrained(staged)
         for name, tensors in (extra or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staged / name))
         (staged / "README.md").write_text(card)
+        fsync_tree(staged)  # the files' data before the renames that publish them
         if directory.exists():
-            shutil.rmtree(directory)
-        staged.rename(directory)
+            directory.rename(aside)
+        try:
+            staged.rename(directory)
+        except BaseException:
+            if aside.exists() and not directory.exists():
+                aside.rename(directory)
+            raise
+        fsync_dir(directory.parent)  # the renames themselves
+    shutil.rmtree(aside, ignore_errors=True)
     return directory
 
 
