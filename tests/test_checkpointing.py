@@ -201,27 +201,53 @@ def test_iteration_with_a_nan_reward_is_skipped_and_counted(tiny_t5, tiny_classi
     assert [math.isnan(v) for v in reward_means] == [False, True, False]
 
 
-def test_nan_loss_rolls_the_update_back(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
+class RecordOptimizerState(Callback):
+    """Test only: a copy of the optimizer's per-parameter state (AdamW moments and step) after each iteration."""
+
+    def __init__(self) -> None:
+        self.after = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        state = trainer.optimizers[0].state_dict()["state"]
+        self.after.append({i: {k: v.clone() for k, v in s.items()} for i, s in state.items()})
+
+
+def test_nan_loss_rolls_back_weights_and_optimizer_state(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
     from detox_lightning import ppo_math
 
+    module = None
+    poisoned = []  # (PPO iterations done, optimizer steps done) when the NaN was returned
     calls = []
     value_loss = ppo_math.value_loss
 
-    def nan_on_third_minibatch(*args, **kwargs):
+    def nan_on_third_minibatch(*args, **kwargs):  # value_loss runs once a mini-batch
         loss, clipfrac = value_loss(*args, **kwargs)
         calls.append(1)
-        return (loss * float("nan"), clipfrac) if len(calls) == 4 else (loss, clipfrac)
+        if len(calls) != 3:
+            return loss, clipfrac
+        poisoned.append((ppo_iterations(module.trainer), module.trainer.global_step))
+        return loss * float("nan"), clipfrac
 
     monkeypatch.setattr(ppo_math, "value_loss", nan_on_third_minibatch)
     pl.seed_everything(0)
-    module = make_module(tiny_t5, HFClassifierReward(tiny_classifier))
-    weights = RecordWeights()
+    module = make_module(tiny_t5, HFClassifierReward(tiny_classifier))  # 2 mini-batches of 2 an iteration
+    weights, optimizer = RecordWeights(), RecordOptimizerState()
     with pytest.warns(UserWarning, match="non-finite loss, updated weights"):
-        trainer = fit(module, sample_data, tmp_path, iterations=2, callbacks=[weights])
-    # iteration 2's first mini-batch stepped, its second was NaN: the whole iteration is undone
+        trainer = fit(module, sample_data, tmp_path, iterations=2, callbacks=[weights, optimizer])
+    # The NaN came in iteration 2 after 2 optimizer steps: the third mini-batch, its iteration's first. It
+    # stepped, so the fourth ran on NaN weights (a NaN policy loss too); the whole iteration is undone.
+    assert poisoned == [(1, 2)] and len(calls) == 4
+    assert [math.isnan(v) for v in metric_rows(trainer, "ppo/loss/policy")] == [False, True]
     assert all(torch.equal(weights.after[1][n], weights.after[0][n]) for n in weights.after[0])
     assert all(torch.isfinite(p).all() for p in module.trainable_parameters().values())
     assert metric_rows(trainer, "ppo/skipped_iterations") == [0.0, 1.0]
+    # The optimizer state rolls back too: stale moments (or a step count of 4) would change every later update.
+    before, after = optimizer.after
+    assert before and before.keys() == after.keys()
+    for i, state in before.items():
+        assert set(state) >= {"exp_avg", "exp_avg_sq", "step"} and state["step"] == 2
+        for key, value in state.items():
+            assert torch.equal(after[i][key], value), (i, key)
 
 
 def test_consecutive_non_finite_iterations_stop_the_run(tiny_t5, tiny_classifier, sample_data, tmp_path):
