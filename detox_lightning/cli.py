@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from detox_lightning.checkpointing import load_checkpoint_file
 from detox_lightning.data import DialogSumDataModule
-from detox_lightning.errors import ConfigError
+from detox_lightning.errors import ConfigError, one_line
 from detox_lightning.guards import NonFiniteError
 
 CKPT_SPECIAL = ("last", "best", "hpc", "registry")
@@ -27,6 +27,21 @@ class DetoxCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # The PPO batch is the DataLoader batch: one setting, read by both.
         parser.link_arguments("data.batch_size", "model.init_args.batch_size")
+
+    def instantiate_classes(self) -> None:
+        """Build model, data, trainer and callbacks; any error on the way is the user's input.
+
+        Our own checks raise ConfigErrors that name the setting. What a library raises on the way
+        (jsonargparse wraps it in a page of the whole config) becomes one ConfigError with the
+        library's own message.
+        """
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = config_error_in(err)
+            if cause is not None:
+                raise cause from err
+            raise ConfigError(f"the configuration could not be built: {one_line(root_cause(err))}") from err
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI (2.6.6) torch.loads an explicit ckpt_path here, before any hook, to re-read
@@ -125,6 +140,11 @@ def parser_error_line(err: ArgumentError) -> str:
     if unknown:
         where = f" under {key.group(1)!r}" if key else ""
         return f"unknown setting {unknown.group(1).strip()}{where}; see `python train.py fit --help`"
+    wrong_type = re.findall(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>\.\s*Got value: (\S+)', text)
+    if wrong_type:  # the innermost key, e.g. ppo.learning_rate under model.init_args
+        name, expected, value = wrong_type[-1]
+        prefix = f"{key.group(1)}.init_args." if key and key.group(1) != name else ""
+        return f"{prefix}{name}={value!r} is not a valid {expected}"
     return " ".join(text.split())[:500]
 
 
@@ -141,6 +161,13 @@ def check_writable(path: str | os.PathLike, flag: str) -> None:
             pass
     except OSError as err:
         raise ConfigError(f"{flag}={str(path)!r} is not writable ({err.strerror}: {str(existing)!r})") from err
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of `err`'s chain: what the library itself raised."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def config_error_in(err: BaseException | None) -> ConfigError | None:

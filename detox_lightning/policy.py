@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from detox_lightning.builtin import resolve
-from detox_lightning.errors import ConfigError
+from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
 from detox_lightning.trl_compat import AutoModelForSeq2SeqLMWithValueHead
 
 POLICY_ADAPTER = "policy"
@@ -73,6 +73,20 @@ def check_lora_targets(model: nn.Module, targets: list[str]) -> None:
         )
 
 
+def check_policy_config(cfg: PolicyConfig) -> None:
+    """One ConfigError naming every out-of-range setting (peft's own errors name no flag)."""
+    raise_problems([
+        out_of_range("policy.lora_r", cfg.lora_r, 1),
+        out_of_range("policy.lora_alpha", cfg.lora_alpha, 0, low_open=True),
+        out_of_range("policy.lora_dropout", cfg.lora_dropout, 0, 1, high_open=True),
+        None if cfg.lora_target_modules else "policy.lora_target_modules is empty; name at least one module",
+    ])
+
+
+def not_an_adapter(flag: str, value: str) -> str:
+    return f"policy.{flag}={value!r} could not be loaded as a PEFT LoRA adapter of this base model"
+
+
 def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
     """Base model with the trainable "policy" LoRA (fresh or from an adapter) and, if asked, the
     frozen "reference" adapter.
@@ -83,11 +97,16 @@ def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    check_policy_config(cfg)
     path = resolve(cfg.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    base = AutoModelForSeq2SeqLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
+    with user_input(
+        f"policy.model_name_or_path={cfg.model_name_or_path!r} could not be loaded as a seq2seq language model "
+        f"with its tokenizer (expected a hub id, a local model directory or a builtin: name)"
+    ):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        base = AutoModelForSeq2SeqLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
     if cfg.adapter_name_or_path is None:
         check_lora_targets(base, cfg.lora_target_modules)
         lora = LoraConfig(
@@ -100,13 +119,15 @@ def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
         )
         peft_model = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
     else:
-        adapter = resolve(cfg.adapter_name_or_path)
-        peft_model = PeftModel.from_pretrained(base, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
+        with user_input(not_an_adapter("adapter_name_or_path", cfg.adapter_name_or_path)):
+            adapter = resolve(cfg.adapter_name_or_path)
+            peft_model = PeftModel.from_pretrained(base, adapter, adapter_name=POLICY_ADAPTER, is_trainable=True)
     reference = (cfg.reference_adapter_name_or_path or cfg.adapter_name_or_path) if with_reference else None
     if reference == "base":
         reference = None
     if reference is not None:
-        peft_model.load_adapter(resolve(reference), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        with user_input(not_an_adapter("reference_adapter_name_or_path", reference)):
+            peft_model.load_adapter(resolve(reference), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         # set_adapter also hands requires_grad to the active adapter; the policy is the one to train.
         peft_model.set_adapter(POLICY_ADAPTER)
     return peft_model, tokenizer, reference

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from detox_lightning import ppo_math
-from detox_lightning.errors import ConfigError
+from detox_lightning.errors import ConfigError, out_of_range, raise_problems
 
 
 @dataclass
@@ -104,7 +104,7 @@ class PPOSettings:
 
 
 def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSettings) -> None:
-    """Raise one ValueError naming every inconsistent setting."""
+    """Raise one ConfigError naming every inconsistent or out-of-range setting."""
     problems = []
     if ppo.mini_batch_size < 1 or batch_size % ppo.mini_batch_size:
         problems.append(
@@ -117,10 +117,27 @@ def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSett
         )
     if ppo.learning_rate <= 0:
         problems.append(f"model.ppo.learning_rate={ppo.learning_rate} must be positive")
-    if ppo.ppo_epochs < 1:
-        problems.append(f"model.ppo.ppo_epochs={ppo.ppo_epochs} must be at least 1")
     if ppo.kl_penalty not in ("k1", "abs", "mse", "full"):
         problems.append(f"model.ppo.kl_penalty={ppo.kl_penalty!r} is not one of k1, abs, mse, full")
+    p, g = "model.ppo.", "model.generation."
+    problems += [
+        out_of_range(p + "ppo_epochs", ppo.ppo_epochs, 1),
+        out_of_range(p + "weight_decay", ppo.weight_decay, 0),
+        out_of_range(p + "cliprange", ppo.cliprange, 0, low_open=True),
+        out_of_range(p + "cliprange_value", ppo.cliprange_value, 0, low_open=True),
+        out_of_range(p + "vf_coef", ppo.vf_coef, 0),
+        out_of_range(p + "gamma", ppo.gamma, 0, 1),
+        out_of_range(p + "lam", ppo.lam, 0, 1),
+        out_of_range(p + "max_grad_norm", ppo.max_grad_norm, 0, low_open=True),
+        out_of_range(p + "init_kl_coef", ppo.init_kl_coef, 0),
+        out_of_range(p + "target", ppo.target, 0, low_open=True),
+        out_of_range(p + "horizon", ppo.horizon, 1),
+        out_of_range(p + "score_clip", ppo.score_clip, 0, low_open=True),
+        out_of_range(p + "missing_eos_penalty", ppo.missing_eos_penalty, 0),
+        out_of_range(g + "min_length", generation.min_length, 0),
+        out_of_range(g + "top_k", generation.top_k, 0),
+        out_of_range(g + "top_p", generation.top_p, 0, 1, low_open=True),
+    ]
     if not 1 <= generation.output_min_length <= generation.output_max_length:
         problems.append(
             f"model.generation.output_min_length={generation.output_min_length} and output_max_length="
@@ -128,5 +145,12 @@ def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSett
         )
     if generation.temperature <= 0:
         problems.append(f"model.generation.temperature={generation.temperature} must be positive")
-    if problems:
-        raise ConfigError("; ".join(problems))
+    if generation.top_k > 0 or 0 < generation.top_p < 1:
+        # Log-probs are those of the full distribution (divided by the temperature); tokens drawn
+        # from a top-k/top-p truncated one would make every update silently off-policy.
+        problems.append(
+            f"model.generation.top_k={generation.top_k}, top_p={generation.top_p}: PPO scores each sampled "
+            f"token under the full distribution, so it must also sample from it (top_k 0, top_p 1.0); "
+            f"use temperature to sharpen sampling instead"
+        )
+    raise_problems(problems)

@@ -29,6 +29,22 @@ class AutoModelForSeq2SeqLMWithValueHead(_TrlSeq2SeqWithValueHead):
     def _get_current_device(cls) -> int | str:
         return int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
 
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        """trl 1.12's forward, less its `past_key_values=None` on every call.
+
+        transformers >= 5.24 deprecates that argument (a FutureWarning on every forward: "will be
+        removed in version 5.40.0"); once it is gone, passing it would break every forward. We never
+        run the value head with a cache (generation goes through `generate`), so nothing is lost.
+
+        Returns:
+            (logits float32, loss, values) as trl's forward.
+        """
+        out = self.pretrained_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
+        )
+        values = self.v_head(out.decoder_hidden_states[-1]).squeeze(-1)
+        return out.logits.float(), out.loss, values
+
 __all__ = [
     "AutoModelForSeq2SeqLMWithValueHead",
     "entropy_from_logits",

@@ -45,10 +45,25 @@ def test_first_iteration_has_zero_kl_and_unit_ratio_from_a_trained_adapter(
 
 
 def test_kl_grows_after_updates_and_controller_moves(tiny_t5, tiny_classifier, sample_data, tmp_path):
+    """KL 0 at the first iteration, > 0 once the policy moved; the coefficient follows each logged KL."""
+    import csv
+
+    from detox_lightning.ppo_math import AdaptiveKLController
+
     pl.seed_everything(0)
-    module = make_module(tiny_t5, tiny_classifier, mini_batch_size=2, ppo_epochs=2)
-    fit(module, sample_data, tmp_path, iterations=2)
-    assert module.kl_ctl.value != 0.2
+    # a target between the two KLs: the coefficient must first fall (KL 0 < target), then rise
+    module = make_module(tiny_t5, tiny_classifier, mini_batch_size=2, ppo_epochs=2, target=1e-3, horizon=20)
+    fit(module, sample_data, tmp_path, iterations=3)
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    kls = [float(r["objective/kl"]) for r in rows if r.get("objective/kl")]
+    coefs = [float(r["objective/kl_coef"]) for r in rows if r.get("objective/kl_coef")]
+    assert len(kls) == 3 and abs(kls[0]) < 1e-4 and min(kls[1:]) > 1e-2, kls
+    replay = AdaptiveKLController(0.2, 1e-3, 20)
+    for kl, coef in zip(kls, coefs, strict=True):
+        assert coef == pytest.approx(replay.value)  # each iteration is penalised with the coefficient so far
+        replay.update(kl, module.batch_size)
+    assert module.kl_ctl.value == pytest.approx(replay.value)
+    assert coefs[1] < 0.2 and module.kl_ctl.value > coefs[2]  # down after KL 0, up after KL > target
 
 
 def test_checkpoint_holds_only_trainable_tensors_and_controller_state(tiny_t5, tiny_classifier, sample_data, tmp_path):
