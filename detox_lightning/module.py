@@ -30,7 +30,14 @@ from detox_lightning.errors import ConfigError
 from detox_lightning.guards import NONFINITE_PARTS, SkipCounter, nonfinite_parts
 from detox_lightning.policy import PolicyConfig, build_policy, enable_gradient_checkpointing, reference_mode
 from detox_lightning.rewards import RewardModel
-from detox_lightning.rollout import Experience, Samples, logprobs_and_values, sample, score_rollout
+from detox_lightning.rollout import (
+    Experience,
+    RolloutRecord,
+    Samples,
+    logprobs_and_values,
+    sample,
+    score_rollout,
+)
 from detox_lightning.settings import GenerationSettings, PPOSettings, check_settings
 from detox_lightning.trl_compat import masked_mean
 
@@ -74,6 +81,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
             self.kl_ctl = ppo_math.FixedKLController(ppo.init_kl_coef)
         self.score_moments = ppo_math.RunningMoments()
         self.skips = SkipCounter()
+        self.last_rollout: RolloutRecord | None = None  # this rank's latest rollout, for monitors
         self._resumed_rng = None  # RNG states of a checkpoint, set at its first iteration
         self._resumed_rng_shared = False  # those states are one rank's, for every rank
 
@@ -141,13 +149,13 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
 
         # 1. rollout: one batched generate
-        samples = self.sample(
-            input_ids, attention_mask, self.draw_max_new_tokens(), keep_logits=self.logprobs_from_generate
-        )
+        max_new_tokens = self.draw_max_new_tokens()
+        samples = self.sample(input_ids, attention_mask, max_new_tokens, keep_logits=self.logprobs_from_generate)
         ids, mask = samples.response_ids, samples.mask
 
         # 2. score with the reward component
-        raw_scores = self.reward(batch["query"], self.decode(ids)).to(self.device, torch.float32)
+        responses = self.decode(ids)
+        raw_scores = self.reward(batch["query"], responses).to(self.device, torch.float32)
         scores = self.shape_scores(raw_scores, ids)
 
         # 3. old log-probs and values from the policy, reference log-probs from the frozen reference
@@ -175,6 +183,16 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         # Statistics of the global batch, the same on every rank: per-prompt figures gathered,
         # per-token ones as global sums over the global token count.
         kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1)  # trl's objective/kl: summed per response
+        self.last_rollout = RolloutRecord(
+            queries=list(batch["query"]),
+            responses=responses,
+            response_ids=ids.cpu(),
+            mask=mask.cpu(),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            scores=raw_scores.cpu(),
+            kl=kl_sum.cpu(),
+        )
         entropy = (token_scores.entropy * fmask).sum(dim=1)
         per_prompt = torch.stack(
             [kl_sum, entropy, raw_scores, scores, fmask.sum(dim=1), attention_mask.sum(dim=1).float()], dim=1

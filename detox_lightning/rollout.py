@@ -67,6 +67,28 @@ class Experience:
         return Experience(**fields)
 
 
+@dataclass
+class RolloutRecord:
+    """What one iteration sampled on this rank, kept on the CPU for callbacks (e.g. a monitor).
+
+    Attributes:
+        queries, responses: the prompts and decoded responses (B,).
+        response_ids: (B, T) response tokens; mask: (B, T) bool, True up to and including EOS.
+        max_new_tokens: this iteration's token cap.
+        eos_token_id: the policy's EOS id.
+        scores: (B,) raw reward-model scores; kl: (B,) KL to the reference summed over each response.
+    """
+
+    queries: list[str]
+    responses: list[str]
+    response_ids: torch.Tensor
+    mask: torch.Tensor
+    max_new_tokens: int
+    eos_token_id: int
+    scores: torch.Tensor
+    kl: torch.Tensor
+
+
 def decoder_inputs(response_ids: torch.Tensor, decoder_start_token_id: int) -> torch.Tensor:
     """Shift responses right behind the decoder start token: (B, T) -> (B, T)."""
     start = response_ids.new_full((response_ids.shape[0], 1), decoder_start_token_id)
