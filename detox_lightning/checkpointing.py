@@ -7,6 +7,10 @@ What Lightning 2.6.6 does and does not do on `fit(ckpt_path=...)` (read from its
   module restores them itself (`PPODetoxModule` stores them under `ppo_state["rng"]`).
 - Mid-epoch it does not skip the batches already seen; it only hands a train DataLoader that has
   `state_dict`/`load_state_dict` its saved state before iterating again (`ResumableDataLoader`).
+- Under DDP it rebuilds the train loader around `DistributedSamplerWrapper(our sampler,
+  shuffle=True, seed=PL_GLOBAL_SEED)`, which shuffles our order again with its own seed; the
+  loader's state must carry both seeds (`unwrap_sampler`), or a resume under another
+  `seed_everything` sees other prompts.
 - `ModelCheckpoint.every_n_train_steps` counts optimizer steps (`trainer.global_step`); one PPO
   iteration takes several, so `PPOCheckpoint` counts iterations (training batches) instead.
 - `ckpt_path="last"` looks for `last.ckpt` only in the new run's own `version_N/checkpoints`,
@@ -95,6 +99,19 @@ class EpochSeededSampler(Sampler[int]):
         return self.num_samples
 
 
+def unwrap_sampler(sampler: Any) -> tuple[Any, Any | None]:
+    """(the sampler the loader was built with, Lightning's DDP wrapper around it or None).
+
+    Under DDP Lightning 2.6.6 rebuilds the train loader with `DistributedSamplerWrapper(ours,
+    shuffle=True, seed=PL_GLOBAL_SEED, num_replicas, rank)` (`_get_distributed_sampler` in
+    trainer/connectors/data_connector.py); the wrapper keeps ours as `.dataset._sampler`
+    (fabric/utilities/distributed.py), lists its order and permutes that again with its own seed
+    before taking this rank's share.
+    """
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return (inner, sampler) if inner is not None else (sampler, None)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that remembers how many batches of the current epoch it handed out.
 
@@ -102,6 +119,8 @@ class ResumableDataLoader(DataLoader):
     `load_state_dict()` before iterating again; the next pass then skips the batches already
     trained on. Counting batches handed out (not indices drawn) is exact with worker prefetching.
     Expects an `EpochSeededSampler` (or any sampler with `seed` and `epoch`) so the order repeats.
+    Both seeds that fix the order are saved: ours (`seed`) and, under DDP, that of Lightning's
+    wrapper (`shard_seed`); a resume under another `seed_everything` would change either.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -119,15 +138,22 @@ class ResumableDataLoader(DataLoader):
                 yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {
+        ours, wrapper = unwrap_sampler(self.sampler)
+        state = {
             "epoch": getattr(self.sampler, "epoch", 0),
             "batches_served": self._served,
-            "seed": getattr(self.sampler, "seed", 0),
+            "seed": getattr(ours, "seed", 0),
         }
+        if wrapper is not None:
+            state["shard_seed"] = wrapper.seed
+        return state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if hasattr(self.sampler, "seed"):
-            self.sampler.seed = state["seed"]
+        ours, wrapper = unwrap_sampler(self.sampler)
+        if hasattr(ours, "seed"):
+            ours.seed = state["seed"]
+        if wrapper is not None and "shard_seed" in state:  # absent when saved on one device
+            wrapper.seed = state["shard_seed"]
         self._resume = (state["epoch"], state["batches_served"])
 
 

@@ -229,8 +229,9 @@ class DialogSumDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Whole batches only: every PPO iteration sees batch_size prompts. The order is fixed by
         # (seed, epoch) and the loader records its position, so a resumed run continues at the next
-        # batch; the seed is the one `seed_everything` set, and a checkpoint carries it. Rank 0's
-        # seed on every rank: ranks shard one order, so without a common seed their shards overlap.
+        # batch; the seed is the one `seed_everything` set, and a checkpoint carries it (under DDP
+        # with the seed of Lightning's sampler wrapper, see `unwrap_sampler`). Rank 0's seed on
+        # every rank: ranks shard one order, so without a common seed their shards overlap.
         seed = torch.initial_seed() % 2**62
         if self.trainer is not None:
             seed = int(self.trainer.strategy.broadcast(seed))

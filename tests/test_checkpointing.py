@@ -183,6 +183,27 @@ def test_resumable_loader_continues_at_the_next_batch_and_reshuffles_next_epoch(
     assert [b.tolist() for b in resumed] == epoch1  # the skip applies once, to its own epoch
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resumable_loader_restores_the_order_inside_lightnings_ddp_sampler(rank):
+    """Under DDP Lightning swaps the loader's sampler for `DistributedSamplerWrapper(ours, shuffle=True,
+    seed=PL_GLOBAL_SEED)`, which shuffles our order again with its own seed: a resume must restore both."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    def loader(seed, shard_seed):
+        sampler = EpochSeededSampler(16, seed)
+        wrapped = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=True, seed=shard_seed)
+        return ResumableDataLoader(list(range(16)), batch_size=2, sampler=wrapped, drop_last=True)
+
+    straight = [b.tolist() for b in loader(7, 0)]
+    first = loader(7, 0)
+    it = iter(first)
+    seen = [next(it).tolist(), next(it).tolist()]
+    resumed = loader(99, 5)  # a resume under another seed_everything: other seeds for ours and the wrapper
+    resumed.load_state_dict(first.state_dict())
+    assert seen + [b.tolist() for b in resumed] == straight
+    assert resumed.sampler.dataset._sampler.seed == 7 and resumed.sampler.seed == 0
+
+
 # ---- non-finite guard ----
 
 

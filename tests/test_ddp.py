@@ -179,9 +179,13 @@ def test_two_rank_ddp_fit_is_one_global_ppo(tmp_path, tiny_t5, tiny_classifier, 
     assert len([p for p in root.rglob("adapter") if p.is_dir()]) == 1
     assert len(list(root.rglob("last.ckpt"))) == 1
 
-    # resumed on 2 ranks from iteration 1's checkpoint, iteration 2 is that of the straight run
+    # resumed on 2 ranks from iteration 1's checkpoint, iteration 2 is that of the straight run, even
+    # under another seed_everything: the checkpoint fixes the prompt order (our sampler's seed and
+    # that of Lightning's DistributedSamplerWrapper around it) and the RNG states
     first = next(root.rglob("epoch=0-iteration=1.ckpt"))
-    result = fit_on_two_ranks(config, tmp_path / "resumed", probe / "resumed", "--ckpt_path", str(first))
+    result = fit_on_two_ranks(
+        config, tmp_path / "resumed", probe / "resumed", "--ckpt_path", str(first), "--seed_everything", "1"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     for r, straight in enumerate(ranks):
         resumed = torch.load(probe / "resumed" / f"rank{r}.pt", weights_only=False)
