@@ -77,9 +77,12 @@ class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
 
     @torch.no_grad()
     def on_fit_end(self) -> None:
+        # A broadcast from rank 0 under DDP: every rank must ask, even when adapter_dir is set (asked
+        # by rank 0 alone it waits on ranks gone ahead: a crash with gloo, a hang with NCCL).
+        log_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero:
             return
-        directory = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        directory = Path(self.adapter_dir or Path(log_dir or self.trainer.default_root_dir) / "adapter")
         card = (
             "# Summarisation LoRA adapter (detox_lightning SFT stage)\n\n"
             f"- base model: `{self.policy_config.model_name_or_path}`\n"

@@ -7,6 +7,7 @@ one file per rank; the test compares them.
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,35 @@ def fit_on_two_ranks(config: str, root: Path, probe: Path, *args: str) -> subpro
          "--trainer.callbacks+=test_ddp.RankProbe", f"--trainer.callbacks.out_dir={probe}", *args],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env,
     )
+
+
+@pytest.mark.slow
+def test_two_rank_sft_finishes_and_writes_one_adapter(tmp_path, tiny_t5, sample_data):
+    """The SFT stage on 2 ranks: every rank reaches the end (`trainer.log_dir` is a collective that
+    all must call), and rank 0 alone writes the adapter to `<log_dir>/adapter`."""
+    reason = gloo_unavailable()
+    if reason:
+        pytest.skip(reason)
+    root, timeout = tmp_path / "sft", 300
+    command = [
+        sys.executable, "train.py", "fit", "--config", "configs/tiny_sft.yaml", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root),
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false", "--data.batch_size", "4",
+        "--model.init_args.adapter_dir", "null", "--model.init_args.sample_prompts", "1",
+        "--model.init_args.max_target_tokens", "8",
+    ]
+    # Its own process group: on a hang, rank 1 (a child of rank 0) is killed with it, not left behind.
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = run.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        stdout, stderr = run.communicate()
+        pytest.fail(f"2-rank SFT did not finish in {timeout} s (a collective not every rank called?)\n{stderr[-3000:]}")
+    assert run.returncode == 0, stderr[-4000:]
+    adapters = [p for p in root.rglob("adapter*") if p.is_dir()]
+    assert adapters == [root / "lightning_logs" / "version_0" / "adapter"], adapters
+    assert (adapters[0] / "adapter_model.safetensors").is_file()
+    assert "SFT adapter written to" in stdout + stderr
