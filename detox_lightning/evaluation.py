@@ -19,8 +19,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from detox_lightning import pictures
+from detox_lightning.best_adapter import Candidate, select_best
 from detox_lightning.checkpointing import ppo_iterations
 from detox_lightning.errors import ConfigError
 from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
@@ -65,6 +68,13 @@ class ToxicityEvaluation(Callback):
         batch_size: prompts per generate call.
         export_adapter: at fit end, save the trained adapter to `<log_dir>/adapter`.
         show_examples: before/after examples printed at the end (the table's top rows).
+        export_best_adapter: also save `<log_dir>/adapter_best`: of the policies evaluated during
+            fit, the one of lowest toxicity among those whose toxicity CI lies below 0, whose
+            ROUGE-L fell by at most `max_rouge_drop` and whose judge toxicity did not rise
+            (`detox_lightning.best_adapter`); none when none qualifies. The report says why.
+        max_rouge_drop: the largest fall of ROUGE-L (absolute) a best adapter may have.
+        plots: at each evaluation, the before/after toxicity distributions as TensorBoard
+            histograms (`eval/toxicity_hist_before`, `..._after`) and `toxicity_before_after.png`.
     """
 
     def __init__(
@@ -81,6 +91,9 @@ class ToxicityEvaluation(Callback):
         batch_size: int = 16,
         export_adapter: bool = True,
         show_examples: int = 3,
+        export_best_adapter: bool = True,
+        max_rouge_drop: float = 0.02,
+        plots: bool = True,
     ) -> None:
         problems = [
             f"{name}={value} must be at least {low}"
@@ -96,6 +109,8 @@ class ToxicityEvaluation(Callback):
         ]
         if text not in get_args(RewardText):
             problems.append(f"text={text!r} must be one of {list(get_args(RewardText))}")
+        if not (isinstance(max_rouge_drop, (int, float)) and math.isfinite(max_rouge_drop) and max_rouge_drop >= 0):
+            problems.append(f"max_rouge_drop={max_rouge_drop!r} must be a number of at least 0")
         if problems:
             raise ConfigError("ToxicityEvaluation: " + "; ".join(problems))
         self.num_prompts = num_prompts
@@ -110,6 +125,8 @@ class ToxicityEvaluation(Callback):
         self.batch_size = batch_size
         self.export_adapter = export_adapter
         self.show_examples = show_examples
+        self.export_best_adapter, self.max_rouge_drop, self.plots = export_best_adapter, max_rouge_drop, plots
+        self.candidates: list[Candidate] = []  # this fit's policy evaluations, for adapter_best/
         self.before: Outputs | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_outputs: Outputs | None = None
@@ -261,12 +278,14 @@ class ToxicityEvaluation(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         rank_zero_info(self.describe(label, metrics, len(after.queries)))
+        self.keep_candidate(trainer, module, step, label, after, metrics)
         return metrics
 
     def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if self.judge is not None:
             self.judge.to(module.device)
         self.last_outputs, self.last_step = None, None  # a policy evaluation of an earlier run is stale
+        self.candidates = []
         # The reference, not the policy: after a resume the policy has already moved.
         self.before = self.generate_and_score(trainer, module, reference=True)
         self.before_metrics = self.compare(self.before)
@@ -311,6 +330,9 @@ class ToxicityEvaluation(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("eval/before_after", markdown_table(rows), step)
         report = self.report(trainer, module, step, log_dir)
+        selection = self.selection() if self.candidates else None
+        if selection is not None:
+            report["best_adapter"] = selection.as_dict()
         (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2, default=str))
         for row in rows[: self.show_examples]:
             rank_zero_info(
@@ -318,10 +340,46 @@ class ToxicityEvaluation(Callback):
                 f"{row['response_before'].strip()!r} -> {row['response_after'].strip()!r}"
             )
         written = ["toxicity_table.csv", "evaluation_report.json"]
+        if self.plots:
+            written.append(pictures.PNG_NAME)
         if self.export_adapter if export is None else export:
             export_adapter(module, out_dir / "adapter", model_card(module, report))
             written.append("adapter/")
+        if selection is not None and self.export_best_adapter:
+            for line in selection.lines():
+                rank_zero_info(line)
+            if selection.chosen is not None:
+                written.append("adapter_best/")
         rank_zero_info(f"wrote {', '.join(written)} in {out_dir}; TensorBoard: tensorboard --logdir {out_dir.parent}")
+
+    # ---- pictures and the best adapter, after each evaluation ----
+
+    def keep_candidate(self, trainer, module, step: int, label: str, after: Outputs, metrics: dict[str, float]) -> None:
+        """Draw the evaluation; during fit, make it a candidate and export it as adapter_best/ if it is the best so far.
+
+        Exported at once rather than at the end, so a stopped or crashed run keeps it; the choice
+        among the candidates so far is the final choice's rule, so the last export is the final one.
+        """
+        log_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank evaluates, so every rank asks
+        out_dir = Path(log_dir or trainer.default_root_dir)
+        if self.plots and trainer.is_global_zero:
+            scores = {"toxicity": (self.before.toxicity, after.toxicity)}
+            if after.judge_toxicity is not None:
+                scores["judge_toxicity"] = (self.before.judge_toxicity, after.judge_toxicity)
+            pictures.log_histograms(trainer.loggers, scores, step)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            pictures.write_png(out_dir / pictures.PNG_NAME, scores, metrics, label)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.candidates.append(Candidate(step, metrics))
+        chosen = self.selection().chosen
+        if self.export_best_adapter and trainer.is_global_zero and chosen is not None and chosen.iteration == step:
+            card = model_card(module, self.report(trainer, module, step, log_dir))
+            card += f"\nThe best of this run's evaluations (iteration {step}); see `best_adapter` in evaluation_report.json.\n"
+            export_adapter(module, out_dir / "adapter_best", card)
+
+    def selection(self):
+        return select_best(self.candidates, self.max_rouge_drop, judged=self.judge is not None)
 
     def report(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, log_dir: str | None = None) -> dict:
         """The JSON report; pass `log_dir` when only rank 0 calls this (`trainer.log_dir` is a collective)."""
@@ -431,7 +489,8 @@ def model_card(module: pl.LightningModule, report: dict) -> str:
 
 def export_adapter(module: pl.LightningModule, directory: Path, card: str) -> None:
     """The policy adapter (PEFT, safetensors) + tokenizer + model card + the PPO value head."""
-    extra = {"value_head.safetensors": module.policy.v_head.state_dict()}
+    v_head = module.policy.v_head  # None with a critic-free estimator
+    extra = {"value_head.safetensors": v_head.state_dict()} if v_head is not None else {}
     save_adapter(module.policy.pretrained_model, module.tokenizer, directory, card, extra)
 
 

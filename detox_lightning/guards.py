@@ -42,8 +42,11 @@ class SkipCounter:
 
 def nonfinite_parts(exp: Experience, stats: dict[str, float]) -> list[str]:
     """Names of the rollout quantities that hold NaN/inf (an empty list when all are finite)."""
-    bad = [name for name in ("env/reward_mean", "ppo/scores_mean", "objective/kl") if not math.isfinite(stats[name])]
+    bad = [
+        name for name in ("env/reward_mean", "ppo/scores_mean", "objective/kl") if not math.isfinite(stats.get(name, 0.0))
+    ]
     for name in ("logprobs", "values", "advantages", "returns"):
-        if not torch.isfinite(getattr(exp, name)).all():
+        value = getattr(exp, name)  # values and returns are None with a critic-free estimator
+        if value is not None and not torch.isfinite(value).all():
             bad.append(name)
     return bad

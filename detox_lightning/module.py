@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from detox_lightning import ppo_math
+from detox_lightning import estimators, ppo_math
 from detox_lightning.checkpointing import (
     TrainableStateMixin,
     capture_rng_states,
@@ -67,7 +67,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         check_settings(batch_size, ppo, generation)
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
-        self.policy, self.tokenizer = build_policy(policy)
+        self.policy, self.tokenizer = build_policy(policy, value_head=not ppo.critic_free)
         # generate's logits round as the teacher-forced forward only in float32 (PPOSettings docs)
         self.logprobs_from_generate = (
             policy.dtype == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
@@ -144,9 +144,12 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
 
     @torch.no_grad()
     def make_experience(self, batch: dict) -> tuple[Experience, dict[str, float]]:
-        """Steps 1-5: rollout, score, old/reference log-probs and values, shaped rewards, GAE."""
-        ppo = self.ppo
-        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        """Steps 1-5: rollout, score, old/reference log-probs (and values), advantages."""
+        ppo, k = self.ppo, self.ppo.samples_per_prompt
+        # k consecutive rows per prompt: one group, never split across ranks or generate calls
+        input_ids = batch["input_ids"].repeat_interleave(k, dim=0)
+        attention_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
+        queries = [q for q in batch["query"] for _ in range(k)]
 
         # 1. rollout: one batched generate
         max_new_tokens = self.draw_max_new_tokens()
@@ -155,66 +158,57 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
 
         # 2. score with the reward component
         responses = self.decode(ids)
-        raw_scores = self.reward(batch["query"], responses).to(self.device, torch.float32)
+        raw_scores = self.reward(queries, responses).to(self.device, torch.float32)
         scores = self.shape_scores(raw_scores, ids)
 
-        # 3. old log-probs and values from the policy, reference log-probs from the frozen reference
+        # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference
         self.policy.eval()
         token_scores = score_rollout(
             self.policy, samples, input_ids, attention_mask, self.generation.temperature, ppo.mini_batch_size,
             partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
+            with_reference=ppo.needs_reference,
         )
         decoder_input_ids = samples.decoder_input_ids
         del samples  # with its (B, T, V) step logits
-        logprobs, ref_logprobs, values = token_scores.logprobs, token_scores.ref_logprobs, token_scores.values
-
-        # 4. per-token rewards: -kl_coef * KL, plus the score on the last response token
         fmask = mask.float()
-        if ppo.kl_penalty == "full":
-            kl = token_scores.full_kl
+        logprobs, ref_logprobs = token_scores.logprobs, token_scores.ref_logprobs
+        kl = None
+        if ref_logprobs is not None:
+            kl = token_scores.full_kl if ppo.kl_penalty == "full" else ppo_math.per_token_kl(
+                logprobs, ref_logprobs, ppo.kl_penalty
+            )
+
+        # 4-5. advantages of the chosen estimator (value-free for rloo and grpo)
+        if ppo.advantage_estimator == "gae":
+            # per-token rewards -kl_coef * KL plus the score on the last token; GAE; whitened over every rank
+            rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
+            advantages, returns = ppo_math.gae(token_scores.values, rewards, fmask, ppo.gamma, ppo.lam)
+            advantages = ppo_math.masked_whiten(advantages, fmask, self.all_reduce_sum) * fmask
+            extra = {"values": token_scores.values, "returns": returns}
+        elif ppo.advantage_estimator == "rloo":
+            # sequence reward = score - beta * summed KL; baseline = the other k - 1 samples' mean
+            sequence_rewards = scores - self.kl_ctl.value * (kl * fmask).sum(dim=1)
+            advantages = estimators.rloo_advantages(sequence_rewards, k, ppo.normalize_advantages, self.all_reduce_sum)
+            extra = {}
         else:
-            kl = ppo_math.per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
-        rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
+            # group-normalised scores; the KL enters the loss (k3), so the update needs the reference's log-probs
+            advantages = estimators.grpo_advantages(scores, k, ppo.scale_rewards, self.all_reduce_sum)
+            extra = {"ref_logprobs": ref_logprobs}
 
-        # 5. GAE, returns, advantages whitened with the mean and std of every rank's batch
-        advantages, returns = ppo_math.gae(values, rewards, fmask, ppo.gamma, ppo.lam)
-        advantages = ppo_math.masked_whiten(advantages, fmask, self.all_reduce_sum) * fmask
-
-        # Statistics of the global batch, the same on every rank: per-prompt figures gathered,
+        # Statistics of the global batch, the same on every rank: per-response figures gathered,
         # per-token ones as global sums over the global token count.
-        kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1)  # trl's objective/kl: summed per response
+        kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1) if ref_logprobs is not None else None
         self.last_rollout = RolloutRecord(
-            queries=list(batch["query"]),
+            queries=queries,
             responses=responses,
             response_ids=ids.cpu(),
             mask=mask.cpu(),
             max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             scores=raw_scores.cpu(),
-            kl=kl_sum.cpu(),
+            kl=kl_sum.cpu() if kl_sum is not None else None,
         )
-        entropy = (token_scores.entropy * fmask).sum(dim=1)
-        per_prompt = torch.stack(
-            [kl_sum, entropy, raw_scores, scores, fmask.sum(dim=1), attention_mask.sum(dim=1).float()], dim=1
-        )
-        kl_sum, entropy, all_raw, all_scores, response_len, query_len = self.gather(per_prompt).unbind(dim=1)
-        token_sums = self.all_reduce_sum(
-            torch.stack([(returns * fmask).sum(), (advantages * fmask).sum(), (values * fmask).sum(), fmask.sum()])
-        )
-        returns_sum, advantages_sum, values_sum, tokens = token_sums.unbind()
-        stats = {
-            "objective/kl": kl_sum.mean(),
-            "objective/kl_coef": self.kl_ctl.value,
-            "objective/entropy": entropy.mean(),
-            "env/reward_mean": all_raw.mean(),
-            "env/reward_std": all_raw.std() if all_raw.numel() > 1 else torch.zeros(()),
-            "ppo/scores_mean": all_scores.mean(),
-            "ppo/returns/mean": returns_sum / tokens,
-            "ppo/policy/advantages_mean": advantages_sum / tokens,
-            "ppo/val/mean": values_sum / tokens,
-            "tokens/responses_len_mean": response_len.mean(),
-            "tokens/queries_len_mean": query_len.mean(),
-        }
+        stats = self.rollout_stats(token_scores, kl_sum, raw_scores, scores, fmask, attention_mask, advantages, extra)
         experience = Experience(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -222,11 +216,47 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
             response_ids=ids,
             mask=fmask,
             logprobs=logprobs,
-            values=values,
             advantages=advantages,
-            returns=returns,
+            **extra,
         )
-        return experience, {k: float(v) for k, v in stats.items()}
+        return experience, stats
+
+    def rollout_stats(self, token_scores, kl_sum, raw_scores, scores, fmask, attention_mask, advantages, extra) -> dict:
+        """trl-named statistics of the global batch (every rank's rows), the same on every rank."""
+        zeros = torch.zeros_like(raw_scores)
+        entropy = (token_scores.entropy * fmask).sum(dim=1)
+        per_row = torch.stack(
+            [kl_sum if kl_sum is not None else zeros, entropy, raw_scores, scores, fmask.sum(dim=1),
+             attention_mask.sum(dim=1).float()], dim=1
+        )
+        kl_sum_all, entropy, all_raw, all_scores, response_len, query_len = self.gather(per_row).unbind(dim=1)
+        stats = {
+            "objective/kl_coef": self.kl_ctl.value,
+            "objective/entropy": entropy.mean(),
+            "env/reward_mean": all_raw.mean(),
+            "env/reward_std": all_raw.std() if all_raw.numel() > 1 else torch.zeros(()),
+            "ppo/scores_mean": all_scores.mean(),
+            "tokens/responses_len_mean": response_len.mean(),
+            "tokens/queries_len_mean": query_len.mean(),
+        }
+        if kl_sum is not None:
+            stats["objective/kl"] = kl_sum_all.mean()  # trl's objective/kl: summed per response
+        k = self.ppo.samples_per_prompt
+        if self.ppo.critic_free:
+            group_std = estimators.group_reward_std(all_raw, k)  # gathered rows keep whole groups in order
+            stats["env/group_reward_std"] = group_std.mean()  # trl's reward_std
+            stats["env/frac_reward_zero_std"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
+            stats["ppo/policy/advantages_mean"] = self.gather(advantages).mean()
+        else:
+            sums = self.all_reduce_sum(torch.stack([
+                (extra["returns"] * fmask).sum(), (advantages * fmask).sum(), (extra["values"] * fmask).sum(),
+                fmask.sum(),
+            ]))
+            returns_sum, advantages_sum, values_sum, tokens = sums.unbind()
+            stats["ppo/returns/mean"] = returns_sum / tokens
+            stats["ppo/policy/advantages_mean"] = advantages_sum / tokens
+            stats["ppo/val/mean"] = values_sum / tokens
+        return {name: float(value) for name, value in stats.items()}
 
     def update_mode(self) -> None:
         """Eval mode unless dropout is wanted or checkpointing needs train mode (its dropout is 0 then).
@@ -235,6 +265,10 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         an nn.Dropout); gradients flow the same.
         """
         self.policy.train(not self.ppo.disable_dropout or self.ppo.gradient_checkpointing)
+
+    @property
+    def dapo(self) -> bool:
+        return self.ppo.advantage_estimator == "grpo" and self.ppo.loss_type == "dapo"
 
     def ppo_update(self, exp: Experience) -> dict[str, float]:
         """Step 6: `ppo_epochs` passes over shuffled mini-batches; one optimizer step each."""
@@ -245,6 +279,9 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         stats = defaultdict(list)
         for _ in range(ppo.ppo_epochs):
             for mb_idx in torch.randperm(exp.mask.shape[0], device=self.device).split(ppo.mini_batch_size):
+                mb_tokens = None
+                if self.dapo:  # normalised by the mini-batch's tokens on every rank, per rank
+                    mb_tokens = float(self.all_reduce_sum(exp.mask[mb_idx].sum())) / self.world_size
                 micro_batches = mb_idx.split(micro_size)
                 for i, micro_idx in enumerate(micro_batches):
                     mb = exp.select(micro_idx)
@@ -256,25 +293,16 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
                         mb.response_ids,
                         self.generation.temperature,
                     )
-                    pg_loss, pg_clipfrac, approxkl = ppo_math.policy_loss(
-                        mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange
-                    )
-                    vf_loss, vf_clipfrac = ppo_math.value_loss(
-                        mb_vpred, mb.values, mb.returns, mb.mask, ppo.cliprange_value
-                    )
-                    loss = pg_loss + ppo.vf_coef * vf_loss
+                    loss, mb_stats = self.loss(mb, mb_logprobs, mb_vpred, mb_tokens)
                     with self.gradient_sync(i == len(micro_batches) - 1):
-                        self.manual_backward(loss / ppo.gradient_accumulation_steps)
+                        # dapo's normaliser already counts the whole mini-batch; the others average micro-batches
+                        self.manual_backward(loss if self.dapo else loss / ppo.gradient_accumulation_steps)
                     with torch.no_grad():
-                        ratio = masked_mean(torch.exp(mb_logprobs - mb.logprobs), mb.mask)
-                        stats["ppo/loss/policy"].append(pg_loss)
-                        stats["ppo/loss/value"].append(vf_loss)
-                        stats["ppo/loss/total"].append(loss)
-                        stats["ppo/policy/clipfrac"].append(pg_clipfrac)
-                        stats["ppo/policy/approxkl"].append(approxkl)
-                        stats["ppo/policy/ratio_mean"].append(ratio)
-                        stats["ppo/val/clipfrac"].append(vf_clipfrac)
-                        stats["ppo/val/vpred"].append(masked_mean(mb_vpred, mb.mask))
+                        log_ratio = mb_logprobs - mb.logprobs
+                        mb_stats["ppo/policy/ratio_mean"] = masked_mean(torch.exp(log_ratio), mb.mask)
+                        mb_stats["ppo/policy/approxkl"] = 0.5 * masked_mean(log_ratio.square(), mb.mask)
+                        for name, value in mb_stats.items():
+                            stats[name].append(value.detach())
                 if ppo.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=ppo.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
@@ -284,6 +312,30 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         means = torch.stack([torch.stack(v).mean() for v in stats.values()])
         means = (self.all_reduce_sum(means) / self.world_size).tolist()
         return dict(zip(stats.keys(), means, strict=True))
+
+    def loss(
+        self, mb: Experience, mb_logprobs: torch.Tensor, mb_vpred: torch.Tensor | None, mb_tokens: float | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The chosen estimator's loss on one micro-batch, and its trl-named statistics."""
+        ppo = self.ppo
+        if ppo.advantage_estimator == "gae":
+            pg_loss, clipfrac, _ = ppo_math.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange)
+            vf_loss, vf_clipfrac = ppo_math.value_loss(mb_vpred, mb.values, mb.returns, mb.mask, ppo.cliprange_value)
+            loss = pg_loss + ppo.vf_coef * vf_loss
+            return loss, {
+                "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
+                "ppo/policy/clipfrac": clipfrac, "ppo/val/clipfrac": vf_clipfrac,
+                "ppo/val/vpred": masked_mean(mb_vpred, mb.mask),
+            }
+        if ppo.advantage_estimator == "rloo":
+            loss, clipfrac, _ = estimators.rloo_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange)
+            return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac}
+        beta = self.kl_ctl.value if ppo.needs_reference else 0.0
+        loss, clipfrac, kl = estimators.grpo_loss(
+            mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange, beta=beta, ref_logprobs=mb.ref_logprobs,
+            loss_type=ppo.loss_type, max_completion_length=self.generation.output_max_length, num_items=mb_tokens,
+        )
+        return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac, "ppo/policy/kl_k3": kl}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.restore_resumed_rng()
@@ -310,7 +362,9 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         else:
             guard.consecutive = 0
             # 7. adapt the KL coefficient to the KL of the global batch (the same on every rank)
-            self.kl_ctl.update(stats["objective/kl"], self.batch_size * self.world_size)
+            if "objective/kl" in stats:  # absent only for grpo without a reference (beta fixed at 0)
+                responses = self.batch_size * self.ppo.samples_per_prompt * self.world_size
+                self.kl_ctl.update(stats["objective/kl"], responses)
         stats["ppo/skipped_iterations"] = guard.total
         stats["time/rollout"], stats["time/update"] = t1 - t0, t2 - t1
         for name, value in stats.items():

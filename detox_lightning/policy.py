@@ -133,15 +133,24 @@ def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
     return peft_model, tokenizer, reference
 
 
-def build_policy(cfg: PolicyConfig) -> tuple[AutoModelForSeq2SeqLMWithValueHead, object]:
+def build_policy(cfg: PolicyConfig, value_head: bool = True) -> tuple[AutoModelForSeq2SeqLMWithValueHead, object]:
     """Load base model, LoRA adapter(s) and value head; only the policy LoRA and value head train.
 
+    Args:
+        cfg: what to load.
+        value_head: False for critic-free estimators (rloo, grpo): the head is removed, so nothing
+            of it is computed, handed to the optimizer or written to checkpoints.
+
     Returns:
-        the value-head model (its `pretrained_model` is the `PeftModel`) and the tokenizer.
+        the value-head model (its `pretrained_model` is the `PeftModel`; `v_head` None without a
+        value head) and the tokenizer.
     """
     peft_model, tokenizer, reference = load_lora_model(cfg)
     model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model)
-    model.v_head.float()
+    if value_head:
+        model.v_head.float()
+    else:
+        model.v_head = None
     freeze_all_but_policy(model)
     trainable, total = count_parameters(model)
     rank_zero_info(

@@ -44,7 +44,11 @@ class Samples:
 
 @dataclass
 class Experience:
-    """One batch of rollouts with everything the PPO update needs; (B, ...) tensors."""
+    """One batch of rollouts with everything the update needs; (B, ...) tensors.
+
+    `values` and `returns` exist for GAE only; `ref_logprobs` only where the loss needs them (grpo
+    with beta > 0); `advantages` is (B, T) for GAE and (B,), one per response, for rloo and grpo.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -52,9 +56,10 @@ class Experience:
     response_ids: torch.Tensor
     mask: torch.Tensor  # float
     logprobs: torch.Tensor
-    values: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
 
     def select(self, idx: torch.Tensor) -> Experience:
         """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
@@ -62,8 +67,13 @@ class Experience:
         response_len = int(self.mask[idx].sum(dim=1).max())
         fields = {}
         for name, value in vars(self).items():
-            value = value[idx]
-            fields[name] = value[:, :prompt_len] if name in ("input_ids", "attention_mask") else value[:, :response_len]
+            if value is not None:
+                value = value[idx]
+                if name in ("input_ids", "attention_mask"):
+                    value = value[:, :prompt_len]
+                elif value.dim() == 2:
+                    value = value[:, :response_len]
+            fields[name] = value
         return Experience(**fields)
 
 
@@ -115,7 +125,7 @@ def sample(
         attention_mask=attention_mask,
         return_dict_in_generate=True,
         output_logits=keep_logits,
-        output_hidden_states=keep_logits,
+        output_hidden_states=keep_logits and model.v_head is not None,
         **generation_kwargs,
     )
     response_ids = out.sequences[:, 1:]
@@ -123,9 +133,10 @@ def sample(
     response_ids = response_ids.masked_fill(~mask, config.pad_token_id)
     samples = Samples(response_ids, decoder_inputs(response_ids, config.decoder_start_token_id), mask)
     if keep_logits:
-        hidden = torch.cat([step[-1] for step in out.decoder_hidden_states], dim=1)  # (B, T, H)
         samples.step_logits = out.logits
-        samples.values = model.v_head(hidden).squeeze(-1).float()
+        if model.v_head is not None:
+            hidden = torch.cat([step[-1] for step in out.decoder_hidden_states], dim=1)  # (B, T, H)
+            samples.values = model.v_head(hidden).squeeze(-1).float()
     return samples
 
 
@@ -145,14 +156,15 @@ def logprobs_and_values(
     """One teacher-forced forward pass.
 
     Returns:
-        logits (B, T, V) float32 (not divided by the temperature), logprobs (B, T) and values (B, T).
+        logits (B, T, V) float32 (not divided by the temperature), logprobs (B, T) and values (B, T)
+        (None without a value head).
     """
     logits, _, values = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         decoder_input_ids=decoder_input_ids,
     )
-    return logits, token_logprobs(logits, response_ids, temperature), values.float()
+    return logits, token_logprobs(logits, response_ids, temperature), None if values is None else values.float()
 
 
 @dataclass
@@ -161,16 +173,16 @@ class RolloutScores:
 
     Attributes:
         logprobs: log-probs of the response tokens under the policy.
-        ref_logprobs: the same under the frozen reference.
-        values: value-head predictions.
+        ref_logprobs: the same under the frozen reference (None when not asked for).
+        values: value-head predictions (None without a value head).
         entropy: entropy of the policy's next-token distribution.
         full_kl: KL(policy || reference) over the whole vocabulary (None unless asked for).
     """
 
     logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
     entropy: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     full_kl: torch.Tensor | None = None
 
 
@@ -184,6 +196,7 @@ def score_rollout(
     chunk_size: int,
     reference_mode: Callable[[], AbstractContextManager],
     with_full_kl: bool = False,
+    with_reference: bool = True,
 ) -> RolloutScores:
     """Policy and reference figures of `samples`, `chunk_size` rows at a time.
 
@@ -192,7 +205,8 @@ def score_rollout(
     policy and reference logits are alive at once (the whole batch's would be B / b times larger:
     ~0.8 GB for FLAN-T5 at batch 16 x 400 tokens). The policy's figures come from generation when
     `samples` kept its logits, else from a forward pass. `reference_mode()` is the context that
-    runs the frozen reference (see `policy.reference_mode`).
+    runs the frozen reference (see `policy.reference_mode`); without `with_reference` the reference
+    pass is skipped (GRPO with beta 0).
     """
     length = samples.response_ids.shape[1]
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -203,21 +217,23 @@ def score_rollout(
         enc = {"input_ids": input_ids[rows, :width], "attention_mask": attention_mask[rows, :width]}
         dec, ids = samples.decoder_input_ids[rows, :t], samples.response_ids[rows, :t]
         if samples.step_logits:
-            logits, values = samples.logits(rows, t), samples.values[rows, :t]
+            logits = samples.logits(rows, t)
+            values = samples.values[rows, :t] if samples.values is not None else None
         else:
             logits, _, values = model(**enc, decoder_input_ids=dec)
-        with reference_mode():
-            ref_logits, _, _ = model(**enc, decoder_input_ids=dec)
-        logits, ref_logits = _scaled(logits, temperature), _scaled(ref_logits, temperature)
-        chunk = {
-            "logprobs": selective_log_softmax(logits, ids),
-            "ref_logprobs": selective_log_softmax(ref_logits, ids),
-            "values": values.float(),
-            "entropy": entropy_from_logits(logits),
-        }
-        if with_full_kl:
-            chunk["full_kl"] = ppo_math.full_kl(logits, ref_logits)
-        del logits, ref_logits
+        logits = _scaled(logits, temperature)
+        chunk = {"logprobs": selective_log_softmax(logits, ids), "entropy": entropy_from_logits(logits)}
+        if values is not None:
+            chunk["values"] = values.float()
+        if with_reference:
+            with reference_mode():
+                ref_logits, _, _ = model(**enc, decoder_input_ids=dec)
+            ref_logits = _scaled(ref_logits, temperature)
+            chunk["ref_logprobs"] = selective_log_softmax(ref_logits, ids)
+            if with_full_kl:
+                chunk["full_kl"] = ppo_math.full_kl(logits, ref_logits)
+            del ref_logits
+        del logits
         mask = samples.mask[rows, :t]
         for name, value in chunk.items():
             parts[name].append(F.pad(value * mask, (0, length - t)))  # back to the batch's length

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from detox_lightning import ppo_math
+from detox_lightning.estimators import (
+    ESTIMATORS,
+    GRPO_LOSS_TYPES,
+    SCALE_REWARDS,
+    Estimator,
+    GRPOLossType,
+    ScaleRewards,
+)
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems
 
 
@@ -35,6 +43,18 @@ class PPOSettings:
     """PPO hyper-parameters (trl's classic defaults, the notebook's learning rate and batch split).
 
     Args:
+        advantage_estimator: `gae` (PPO with a value head, the default), `rloo` (REINFORCE
+            leave-one-out, trl's RLOOTrainer) or `grpo` (group-normalised, trl's GRPOTrainer). The
+            last two train no value head and need `samples_per_prompt` >= 2.
+        samples_per_prompt: k responses per prompt, sampled in the same batched `generate` (the
+            prompts repeated); rloo/grpo compare the k with each other. An iteration then holds
+            `data.batch_size * k` responses, and `mini_batch_size` counts responses.
+        normalize_advantages: rloo: normalise the advantages over the whole batch (trl's
+            `normalize_advantages`, off by default as there). gae always whitens.
+        scale_rewards: grpo: divide each advantage by its group's reward std (`group`, trl's
+            default), the batch's (`batch`) or nothing (`none`).
+        loss_type: grpo: how token losses are aggregated, as trl's `loss_type`: `dapo` (trl's
+            default: the mean over the mini-batch's tokens of every rank), `grpo`, `bnpo`, `dr_grpo`.
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay (0 = trl's Adam).
         mini_batch_size: prompts per optimizer step; must divide the batch size.
@@ -48,7 +68,9 @@ class PPOSettings:
         max_grad_norm: clip the gradient norm to this; None: no clipping.
         kl_penalty: per-token KL estimate in the reward: k1 (log-ratio), abs, mse or full (exact,
             over the vocabulary, from the policy and reference logits of each scoring chunk).
-        init_kl_coef: initial KL coefficient.
+        init_kl_coef: initial KL coefficient (trl's `beta` for rloo and grpo: rloo subtracts
+            beta * the summed KL from each sequence's score, grpo adds beta * the k3 KL per token
+            to the loss). grpo with 0 and `adap_kl_ctrl: false` skips the reference pass.
         adap_kl_ctrl: adapt the coefficient towards `target` (else it stays fixed).
         target: target of the adaptive controller, in KL summed over a response.
         horizon: horizon of the adaptive controller.
@@ -74,6 +96,11 @@ class PPOSettings:
             with an error when this many iterations in a row were skipped.
     """
 
+    advantage_estimator: Estimator = "gae"
+    samples_per_prompt: int = 1
+    normalize_advantages: bool = False
+    scale_rewards: ScaleRewards = "group"
+    loss_type: GRPOLossType = "dapo"
     learning_rate: float = 1.41e-5
     weight_decay: float = 0.0
     mini_batch_size: int = 4
@@ -102,14 +129,37 @@ class PPOSettings:
         if self.max_consecutive_skips < 1:
             raise ConfigError(f"model.ppo.max_consecutive_skips={self.max_consecutive_skips} must be at least 1")
 
+    @property
+    def critic_free(self) -> bool:
+        """rloo and grpo: no value head, no value loss."""
+        return self.advantage_estimator in ("rloo", "grpo")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any KL to the reference enters training (grpo with a fixed beta of 0: none)."""
+        return not (self.advantage_estimator == "grpo" and self.init_kl_coef == 0 and not self.adap_kl_ctrl)
+
 
 def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSettings) -> None:
     """Raise one ConfigError naming every inconsistent or out-of-range setting."""
     problems = []
-    if ppo.mini_batch_size < 1 or batch_size % ppo.mini_batch_size:
+    k = ppo.samples_per_prompt
+    choices = {
+        "advantage_estimator": (ppo.advantage_estimator, ESTIMATORS),
+        "scale_rewards": (ppo.scale_rewards, SCALE_REWARDS),
+        "loss_type": (ppo.loss_type, GRPO_LOSS_TYPES),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            problems.append(f"model.ppo.{name}={value!r} is not one of {', '.join(allowed)}")
+    if k < 1 or (ppo.critic_free and k < 2):
         problems.append(
-            f"data.batch_size={batch_size} is not divisible by model.ppo.mini_batch_size={ppo.mini_batch_size}"
+            f"model.ppo.samples_per_prompt={k} must be at least "
+            + (f"2 with advantage_estimator={ppo.advantage_estimator!r} (it compares a prompt's samples)" if ppo.critic_free else "1")
         )
+    elif ppo.mini_batch_size < 1 or (batch_size * k) % ppo.mini_batch_size:
+        rows = f"data.batch_size={batch_size}" + (f" x model.ppo.samples_per_prompt={k} = {batch_size * k} responses" if k > 1 else "")
+        problems.append(f"{rows} is not divisible by model.ppo.mini_batch_size={ppo.mini_batch_size}")
     elif ppo.gradient_accumulation_steps < 1 or ppo.mini_batch_size % ppo.gradient_accumulation_steps:
         problems.append(
             f"model.ppo.mini_batch_size={ppo.mini_batch_size} is not divisible by "

@@ -37,12 +37,14 @@ class AutoModelForSeq2SeqLMWithValueHead(_TrlSeq2SeqWithValueHead):
         run the value head with a cache (generation goes through `generate`), so nothing is lost.
 
         Returns:
-            (logits float32, loss, values) as trl's forward.
+            (logits float32, loss, values) as trl's forward; values is None once the value head is
+            removed (`policy.build_policy(value_head=False)`).
         """
         out = self.pretrained_model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs
         )
-        values = self.v_head(out.decoder_hidden_states[-1]).squeeze(-1)
+        hidden = out.decoder_hidden_states[-1]
+        values = self.v_head(hidden).squeeze(-1) if self.v_head is not None else None  # critic-free: none
         return out.logits.float(), out.loss, values
 
 __all__ = [
