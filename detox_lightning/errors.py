@@ -51,13 +51,14 @@ def one_line(err: BaseException, limit: int = 400) -> str:
 def user_input(what: str) -> Iterator[None]:
     """Errors a library raises inside this block become one ConfigError: `"<what>: <its message>"`.
 
-    For code that reads what the user named (a model path, a data file): transformers, peft and
-    datasets raise OSError, ValueError, KeyError and others, whose message says what went wrong but
-    not which setting caused it; `what` names the setting and what was expected.
+    Only around code that reads what the user named (a model path, a data file), where whatever
+    fails is that input: transformers, peft and datasets raise OSError, ValueError, their own
+    exception types and others, whose message says what went wrong but not which setting caused
+    it; `what` names the setting and what was expected.
     """
     try:
         yield
     except ConfigError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, StopIteration, ImportError) as err:
+    except Exception as err:
         raise ConfigError(f"{what} ({type(err).__name__}: {one_line(err)})") from err

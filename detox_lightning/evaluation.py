@@ -26,9 +26,9 @@ from detox_lightning import pictures
 from detox_lightning.best_adapter import Candidate, select_best
 from detox_lightning.checkpointing import ppo_iterations
 from detox_lightning.errors import ConfigError
-from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
+from detox_lightning.metrics import Rouge, improvement_pct, paired_bootstrap_ci, summarize
 from detox_lightning.policy import save_adapter
-from detox_lightning.rewards import RewardModel, RewardText, reward_texts
+from detox_lightning.rewards import RewardModel, RewardText
 
 TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
 
@@ -417,14 +417,12 @@ def toxicity_of(scorer: RewardModel, queries: list[str], responses: list[str], t
     """Toxicity (N,) of each (query, response) pair under `scorer`, on the reward's texts.
 
     Args:
-        scorer: the reward component or a judge; its `toxicity` is the classifier's probability.
+        scorer: the reward component or a judge (`RewardModel.pair_toxicity`).
         queries: one prompt per response.
         responses: the decoded responses.
         text: `query_response` or `response`, as `reward_texts`.
     """
-    texts = reward_texts(queries, responses, text)
-    values = Toxicity(scorer.toxicity, keep_in_memory=True).compute(predictions=texts)["toxicity"]
-    return np.asarray(values, dtype=np.float64)
+    return np.asarray(scorer.pair_toxicity(queries, responses, text).tolist(), dtype=np.float64)
 
 
 def gather_outputs(index: list[int], shard: Outputs, has_summaries: bool) -> Outputs:

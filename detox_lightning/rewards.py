@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from detox_lightning.builtin import resolve
-from detox_lightning.errors import ConfigError
+from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
 
 RewardText = Literal["query_response", "response"]
 
@@ -64,6 +64,20 @@ class RewardModel(nn.Module, ABC):
         """Rewards (N,) float32 for each (query, response) pair, scored on `reward_texts`."""
         return self.score(reward_texts(queries, responses, self.text))
 
+    def pair_toxicity(self, queries: list[str], responses: list[str], text: RewardText) -> torch.Tensor:
+        """Probability (N,) that each (query, response) pair is toxic, judged on `reward_texts`.
+
+        What evaluation, the judge and monitors call: `evaluate`'s measurement over this
+        component's `toxicity`. Components that score pairs rather than texts override it.
+        """
+        from detox_lightning.metrics import Toxicity
+
+        texts = reward_texts(queries, responses, text)
+        if not texts:
+            return torch.zeros(0)
+        values = Toxicity(self.toxicity, keep_in_memory=True).compute(predictions=texts)["toxicity"]
+        return torch.tensor(values, dtype=torch.float32)
+
     @abstractmethod
     def score(self, texts: list[str]) -> torch.Tensor:
         """Reward (N,) float32 for each text; higher means less toxic."""
@@ -105,13 +119,18 @@ class HFClassifierReward(RewardModel):
         super().__init__(text)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        raise_problems([out_of_range("reward.batch_size", batch_size, 1), out_of_range("reward.max_length", max_length, 8)])
         path = resolve(model_name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with user_input(
+            f"reward model_name_or_path={model_name_or_path!r} could not be loaded as a sequence classifier with "
+            f"its tokenizer (expected a hub id, a local model directory or a builtin: name)"
+        ):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.classifier = AutoModelForSequenceClassification.from_pretrained(
+                path, trust_remote_code=trust_remote_code
+            )
         # The response comes last: cut from the right, a long dialogue would push it out of the window.
         self.tokenizer.truncation_side = "left"
-        self.classifier = AutoModelForSequenceClassification.from_pretrained(
-            path, trust_remote_code=trust_remote_code
-        )
         self.classifier.requires_grad_(False)
         self.classifier.eval()
         labels = {name: int(i) for i, name in self.classifier.config.id2label.items()}
