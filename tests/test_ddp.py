@@ -61,6 +61,8 @@ class RankProbe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("time/")}
         self.record.setdefault("logged", []).append(logged)
+        self.record.setdefault("rollout_queries", []).append(list(pl_module.last_rollout.queries))
+        self.record.setdefault("rollout_scores", []).append(pl_module.last_rollout.scores.clone())
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.record["weights"] = {n: p.detach().clone() for n, p in pl_module.trainable_parameters().items()}

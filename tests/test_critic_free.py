@@ -1,0 +1,150 @@
+"""rloo and grpo in the module: no value head anywhere, the real CLI, exact resume, two ranks."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from helpers import fit
+
+from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule, PPOSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CRITIC_FREE = ["--model.init_args.ppo.samples_per_prompt", "2"]
+
+
+def make_module(tiny_t5, tiny_classifier, estimator, adapter=None, **ppo):
+    return PPODetoxModule(
+        reward=HFClassifierReward(tiny_classifier),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4),
+        ppo=PPOSettings(**({"learning_rate": 1e-2, "mini_batch_size": 4, "advantage_estimator": estimator,
+                            "samples_per_prompt": 1 if estimator == "gae" else 2} | ppo)),
+        generation=GenerationSettings(output_min_length=8, output_max_length=12),
+        batch_size=4,
+    )
+
+
+@pytest.mark.parametrize("estimator", ["gae", "rloo", "grpo"])
+def test_value_head_exists_only_for_gae(tiny_t5, tiny_classifier, sample_data, tmp_path, estimator):
+    """rloo/grpo: no value-head parameter, no optimizer state for one, no checkpoint tensor of one."""
+    pl.seed_everything(0)
+    module = make_module(tiny_t5, tiny_classifier, estimator)
+    trainer = fit(module, sample_data, tmp_path, iterations=1)
+    trainer.save_checkpoint(tmp_path / "manual.ckpt")
+    checkpoint = torch.load(tmp_path / "manual.ckpt", weights_only=True)
+    params = dict(module.named_parameters())
+    optimizer = module.optimizers().optimizer
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    value_params = {name for name in params if "v_head" in name}
+    with_state = {name for name, p in params.items() if id(p) in optimized and optimizer.state.get(p)}
+    if estimator == "gae":
+        assert value_params and value_params <= with_state
+        assert any("v_head" in k for k in checkpoint["state_dict"])
+        return
+    assert module.policy.v_head is None and not value_params
+    assert with_state and all(".policy." in n and "lora_" in n for n in with_state)
+    assert with_state == {n for n, p in params.items() if id(p) in optimized}  # nothing else handed over
+    assert not any("v_head" in k for k in checkpoint["state_dict"])
+    assert set(checkpoint["state_dict"]) == with_state
+
+
+def test_grpo_without_beta_skips_the_reference(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
+    from detox_lightning import policy
+
+    calls = []
+    original = policy.reference_mode
+
+    def counting(model):
+        calls.append(1)
+        return original(model)
+
+    monkeypatch.setattr("detox_lightning.module.reference_mode", counting)
+    pl.seed_everything(0)
+    module = make_module(tiny_t5, tiny_classifier, "grpo", init_kl_coef=0.0, adap_kl_ctrl=False)
+    trainer = fit(module, sample_data, tmp_path, iterations=1)
+    assert calls == [] and "objective/kl" not in trainer.logged_metrics
+    assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["ppo/loss/total"])))
+    pl.seed_everything(0)
+    fit(make_module(tiny_t5, tiny_classifier, "grpo"), sample_data, tmp_path / "with_beta", iterations=1)
+    assert calls  # with a beta the reference runs: the counter can see it
+
+
+def scalars(root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(Path(root).rglob("events.out.tfevents.*"))))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_cli_critic_free_fit_logs_kl_and_reward_with_zero_first_kl(tmp_path, perturbed_adapter, estimator):
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "Evaluation" not in c["class_path"]]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", str(tmp_path / "config.yaml"),
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_train_batches", "2",
+         "--model.init_args.ppo.advantage_estimator", estimator, *CRITIC_FREE,
+         "--model.init_args.policy.adapter_name_or_path", perturbed_adapter],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars(tmp_path)
+    assert len(logged["objective/kl"]) == 2 and len(logged["env/reward_mean"]) == 2
+    assert abs(logged["objective/kl"][0]) < 1e-4
+    assert abs(logged["ppo/policy/ratio_first"][0] - 1) < 1e-5
+    assert "env/group_reward_std" in logged and "ppo/loss/value" not in logged
+
+
+@pytest.mark.slow
+def test_rloo_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    from test_checkpointing import train, write_config
+
+    config = write_config(tmp_path)
+    rloo = ["--model.init_args.ppo.advantage_estimator", "rloo", *CRITIC_FREE]
+    straight = train(config, tmp_path / "straight", *rloo)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = train(config, tmp_path / "killed", *rloo, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
+                   "--trainer.callbacks.iteration=4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = train(config, tmp_path / "killed", *rloo, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert got["ppo_state"]["iterations"] == 6 and got["state_dict"].keys() == expected["state_dict"].keys()
+    assert not any("v_head" in k for k in got["state_dict"])
+    for name, tensor in expected["state_dict"].items():
+        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
+
+
+@pytest.mark.slow
+def test_two_rank_rloo_keeps_groups_on_their_rank_and_logs_global_statistics(tmp_path, tiny_t5, tiny_classifier,
+                                                                                sample_data):
+    from test_ddp import fit_on_two_ranks, gloo_unavailable, write_config
+
+    reason = gloo_unavailable()
+    if reason:
+        pytest.skip(reason)
+    config = write_config(tmp_path)
+    probe = tmp_path / "probe"
+    result = fit_on_two_ranks(config, tmp_path / "run", probe, "--model.init_args.ppo.advantage_estimator", "rloo",
+                              *CRITIC_FREE, "--model.init_args.ppo.normalize_advantages", "true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for record in ranks:  # each rank sampled its own prompts twice, as consecutive rows
+        queries = record["rollout_queries"][-1]
+        assert queries[0::2] == queries[1::2] and len(set(queries)) == len(queries) // 2
+    assert set(ranks[0]["rollout_queries"][-1]).isdisjoint(ranks[1]["rollout_queries"][-1])
+    for name in ("env/reward_mean", "env/group_reward_std", "objective/kl", "ppo/loss/total"):
+        assert ranks[0]["logged"][-1][name] == pytest.approx(ranks[1]["logged"][-1][name], abs=1e-6), name
+    # global: the logged group std is the mean over both ranks' groups
+    stds = torch.cat([r["rollout_scores"][-1].view(-1, 2).std(dim=1) for r in ranks])
+    assert ranks[0]["logged"][-1]["env/group_reward_std"] == pytest.approx(float(stds.mean()), abs=1e-5)
+    for name, weight in ranks[0]["weights"].items():  # one model on both ranks
+        torch.testing.assert_close(ranks[1]["weights"][name], weight, rtol=0, atol=0)
