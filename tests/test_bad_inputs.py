@@ -51,6 +51,41 @@ BAD_INPUTS = {
         ["--ckpt_path", "{lora_r4}"],
         "checkpoint does not fit model.policy (model_name_or_path='builtin:tiny-t5', lora_r=8): trainable tensors",
     ),
+    # library-raised errors during construction, and out-of-range numbers (issue 12)
+    "lora rank of 0": (["--model.init_args.policy.lora_r", "0"], "policy.lora_r=0 must be at least 1"),
+    "empty data file": (["--data.path", "{empty}"], "empty.jsonl' is empty; expected rows with a 'dialogue' column"),
+    "unreadable data file": (["--data.path", "{broken}"], "broken.jsonl' could not be read as a dataset"),
+    "policy path that is no model": (
+        ["--model.init_args.policy.model_name_or_path", "{tmp}"],
+        "could not be loaded as a seq2seq language model with its tokenizer",
+    ),
+    "adapter path that is no adapter": (
+        ["--model.init_args.policy.adapter_name_or_path", "{tmp}"],
+        "could not be loaded as a PEFT LoRA adapter of this base model",
+    ),
+    "top_p above 1": (["--model.init_args.generation.top_p", "1.5"], "model.generation.top_p=1.5 must lie in (0, 1]"),
+    "top_k truncation": (["--model.init_args.generation.top_k", "50"], "PPO scores each sampled token under the full"),
+    "gamma above 1": (["--model.init_args.ppo.gamma", "1.5"], "model.ppo.gamma=1.5 must lie in [0, 1]"),
+    "negative cliprange": (["--model.init_args.ppo.cliprange=-0.2"], "model.ppo.cliprange=-0.2 must be greater than 0"),
+    "lora dropout of 1": (["--model.init_args.policy.lora_dropout", "1"], "policy.lora_dropout=1.0 must lie in [0, 1)"),
+    "not a number": (["--model.init_args.ppo.learning_rate", "fast"], "ppo.learning_rate='fast' is not a valid float"),
+    "reward max_length too small": (
+        ["--model.init_args.reward.init_args.max_length", "2"], "reward.max_length=2 must be at least 8"
+    ),
+    # critic-free estimators (issue 14)
+    "rloo with one sample": (
+        ["--model.init_args.ppo.advantage_estimator", "rloo"],
+        "model.ppo.samples_per_prompt=1 must be at least 2 with advantage_estimator='rloo'",
+    ),
+    "groups not divisible into mini-batches": (
+        ["--model.init_args.ppo.advantage_estimator", "grpo", "--model.init_args.ppo.samples_per_prompt", "3",
+         "--model.init_args.ppo.mini_batch_size", "5"],
+        "data.batch_size=8 x model.ppo.samples_per_prompt=3 = 24 responses is not divisible by model.ppo.mini_batch_size=5",
+    ),
+    "unknown estimator": (
+        ["--model.init_args.ppo.advantage_estimator", "ppo2"],
+        "model.init_args.ppo.advantage_estimator='ppo2' is not one of ['gae', 'rloo', 'grpo']",
+    ),
     "output dir not writable": (
         ["--trainer.default_root_dir", "{a_file}/runs"],
         "a_file/runs' cannot be created: ",
@@ -115,7 +150,10 @@ def test_bad_input_is_named_on_stderr_and_leaves_checkpoints_alone(case, tmp_pat
         "{corrupted}": str(tmp_path / "corrupted.ckpt"),
         "{lora_r4}": str(r4),
         "{a_file}": str(tmp_path / "a_file"),
+        "{empty}": write_jsonl(tmp_path / "empty.jsonl", []),
+        "{broken}": str(tmp_path / "broken.jsonl"),
     }
+    (tmp_path / "broken.jsonl").write_text('{"dialogue": "never closed"\n')
     for key, value in files.items():
         args = [a.replace(key, value) for a in args]
     before = fingerprint(tmp_path)
