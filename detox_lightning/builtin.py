@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     RobertaConfig,
     RobertaForSequenceClassification,
@@ -26,10 +28,17 @@ from detox_lightning import sample_data
 
 PREFIX = "builtin:"
 # Bump a builder's version when its output changes, so that stale caches are not reused.
-_VERSIONS = {"sample-dialogsum": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2"}
+_VERSIONS = {"sample-dialogsum": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2", "tiny-llama": "v1"}
 _MARKER = "BUILD_COMPLETE"
 _PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 _T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+# No pad token, as many causal LMs: the policy pads with EOS and masks by attention, never by id.
+_LLAMA_SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# A chat template in the shape of SmolLM2's (role headers, a generation prompt), in plain words.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 _ROBERTA_SPECIAL = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
 _TOKENIZER_VOCAB = 2000
 
@@ -132,6 +141,33 @@ def _build_tiny_t5(path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
+def _build_tiny_llama(path: Path) -> None:
+    """A Llama-shaped causal LM (random weights) with the project's tokenizer: BOS, no EOS appended."""
+    tokenizer = train_tokenizer(
+        _corpus(), _TOKENIZER_VOCAB, _LLAMA_SPECIAL, single="<s> $A", pair="<s> $A $B", model_max_length=2048
+    )
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, None)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def _build_tiny_hate_roberta(path: Path) -> None:
     tokenizer = train_tokenizer(
         _corpus(), _TOKENIZER_VOCAB, _ROBERTA_SPECIAL, single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>"
@@ -198,6 +234,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "sample-dialogsum": _build_sample_dialogsum,
     "tiny-t5": _build_tiny_t5,
     "tiny-hate-roberta": _build_tiny_hate_roberta,
+    "tiny-llama": _build_tiny_llama,
 }
 
 

@@ -1,8 +1,9 @@
-"""DialogSum prompts as a LightningDataModule: load, filter by length, prompt, tokenize, split."""
+"""DialogSum (or any) prompts as a LightningDataModule: load, filter, prompt (plain or chat), tokenize, split."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -10,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from detox_lightning.builtin import resolve
 from detox_lightning.checkpointing import EpochSeededSampler, ResumableDataLoader
-from detox_lightning.errors import ConfigError
+from detox_lightning.errors import ConfigError, user_input
+from detox_lightning.rows import RowFilter, check_field, get_field
 
 NOTEBOOK_PROMPT = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -44,7 +46,12 @@ def data_files(path: str | dict[str, str]) -> tuple[str, dict[str, str]] | None:
 
 
 class DialogSumDataModule(pl.LightningDataModule):
-    """Filtered DialogSum dialogues wrapped in the summarisation prompt.
+    """Filtered DialogSum dialogues wrapped in the summarisation prompt, or any prompt dataset.
+
+    For other data (e.g. trl's classic recipe on RealToxicityPrompts) name the text with
+    `text_column` (`prompt.text`), keep rows with `filter` (`prompt.toxicity > 0.3`) and set
+    `prompt_template: "{dialogue}"` to use the text as it is; without a `summary` column the
+    evaluation reports toxicity and length and skips ROUGE.
 
     Args:
         path: hub id (`knkarthick/dialogsum`), a local file (json/jsonl/csv/parquet), a directory of
@@ -52,7 +59,13 @@ class DialogSumDataModule(pl.LightningDataModule):
         split: which split to take the prompts from (the notebook uses `train` only).
         min_chars: keep dialogues longer than this many characters.
         max_chars: keep dialogues of at most this many characters.
-        prompt_template: the instruction; `{dialogue}` is replaced by the dialogue.
+        prompt_template: the instruction; `{dialogue}` is replaced by the dialogue (the text).
+        prompt_format: `plain` (the template as it is), `chat` (the template as one user message
+            through the tokenizer's chat template, `add_generation_prompt=True`, as chat models
+            expect) or `auto` (chat when the tokenizer has a chat template).
+        text_column: the column holding the text: `dialogue`, or a nested field such as `prompt.text`.
+        filter: keep only rows where `<field> <op> <number>` holds, e.g. `prompt.toxicity > 0.3`
+            (op one of > >= < <= == !=); None: every row.
         test_size: fraction held out for evaluation.
         split_seed: seed of the train/test split (used when `shuffle_split`).
         shuffle_split: shuffle before splitting (the notebook does not).
@@ -61,6 +74,8 @@ class DialogSumDataModule(pl.LightningDataModule):
             included, takes at most this many tokens; None: keep them whole.
         tokenizer_name_or_path: tokenizer to use; None: the trained model's own.
         num_workers: DataLoader workers.
+        predict_path: the dialogues `python train.py predict` summarises: a jsonl/json/csv/parquet
+            file with a `dialogue` column, every row kept (no length filter); None: the held-out split.
     """
 
     def __init__(
@@ -77,9 +92,19 @@ class DialogSumDataModule(pl.LightningDataModule):
         max_prompt_tokens: int | None = None,
         tokenizer_name_or_path: str | None = None,
         num_workers: int = 0,
+        predict_path: str | None = None,
+        prompt_format: Literal["auto", "chat", "plain"] = "auto",
+        text_column: str = "dialogue",
+        filter: str | None = None,  # noqa: A002 - the user-facing name
     ) -> None:
         super().__init__()
         problems = []
+        if prompt_format not in ("auto", "chat", "plain"):
+            problems.append(f"data.prompt_format={prompt_format!r} is not one of auto, chat, plain")
+        try:
+            self.row_filter = RowFilter.parse(filter) if filter is not None else None
+        except ConfigError as err:
+            problems.append(str(err))
         if min_chars >= max_chars:
             problems.append(f"data.min_chars={min_chars} must be smaller than data.max_chars={max_chars}")
         if "{dialogue}" not in prompt_template:
@@ -104,6 +129,11 @@ class DialogSumDataModule(pl.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.num_workers = num_workers
+        self.predict_path = predict_path
+        self.prompt_format = prompt_format
+        self.text_column = text_column
+        self.filter = filter
+        self.predict_dataset = None
         self.tokenizer = None
         self.train_dataset = None
         self.test_dataset = None
@@ -118,21 +148,41 @@ class DialogSumDataModule(pl.LightningDataModule):
 
         path = self.path if isinstance(self.path, dict) else resolve(self.path)
         local = data_files(path)
-        if local is None:
-            dataset = load_dataset(path, split=self.split)
-        else:
+        if local is not None:
             builder, files = local
             if self.split not in files:
                 raise ConfigError(f"data.split={self.split!r} is not among the data files' splits {sorted(files)}")
-            dataset = load_dataset(builder, data_files={self.split: files[self.split]}, split=self.split)
-        if "dialogue" not in dataset.column_names:
+            for file in files.values():
+                if Path(file).stat().st_size == 0:
+                    raise ConfigError(f"data.path: {file!r} is empty; expected rows with a 'dialogue' column")
+        # datasets' own errors (an unreadable file, a hub id that does not exist) name no setting
+        with user_input(f"data.path={self.path!r} could not be read as a dataset (split {self.split!r})"):
+            if local is None:
+                dataset = load_dataset(path, split=self.split)
+            else:
+                dataset = load_dataset(builder, data_files={self.split: files[self.split]}, split=self.split)
+        if self.text_column == "dialogue" and "dialogue" not in dataset.column_names:
             raise ConfigError(f"data.path={self.path!r} has no 'dialogue' column; its columns are {dataset.column_names}")
+        check_field(dataset.column_names, dataset.features, self.text_column, "data.text_column")
+        if self.row_filter is not None:
+            check_field(dataset.column_names, dataset.features, self.row_filter.field, "data.filter")
+        if self.text_column != "dialogue":  # the text under the name the rest of the pipeline reads
+            column = self.text_column
+            dataset = dataset.map(lambda row: {"dialogue": get_field(row, column)})
         n_rows = len(dataset)
+        if self.row_filter is not None:
+            dataset = dataset.filter(self.row_filter)
+            if len(dataset) < 2:
+                raise ConfigError(
+                    f"data.filter={self.filter!r} keeps {len(dataset)} of {n_rows} rows; at least 2 are needed "
+                    f"to split train and test"
+                )
+        n_kept = len(dataset)
         lo, hi = self.min_chars, self.max_chars
         dataset = dataset.filter(lambda row: lo < len(row["dialogue"] or "") <= hi)
         if len(dataset) < 2:
             raise ConfigError(
-                f"{len(dataset)} of {n_rows} dialogues have {lo} < characters <= {hi} "
+                f"{len(dataset)} of {n_kept} dialogues have {lo} < characters <= {hi} "
                 f"(data.min_chars, data.max_chars); at least 2 are needed to split train and test"
             )
         return dataset.train_test_split(test_size=self.test_size, shuffle=self.shuffle_split, seed=self.split_seed)
@@ -140,11 +190,16 @@ class DialogSumDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs before Lightning creates the log dir: bad data stops the run with nothing written.
         self.load_splits()
+        if self.predict_path is not None and self.trainer is not None and self.trainer.predicting:
+            from detox_lightning.predict import load_dialogues
+
+            load_dialogues(self.predict_path)
 
     def setup(self, stage: str) -> None:
         if self.train_dataset is not None:
             return
         self.tokenizer = self.load_tokenizer()
+        self.check_chat_template()
         self.check_prompt_budget()
         splits = self.load_splits().map(self.tokenize, remove_columns=["dialogue"])
         self.train_dataset, self.test_dataset = splits["train"], splits["test"]
@@ -166,7 +221,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         """Raise when `max_prompt_tokens` cannot hold the template with at least one dialogue token."""
         if self.max_prompt_tokens is None:
             return
-        template = len(self.tokenizer(self.prompt_template.format(dialogue=""))["input_ids"])
+        template = len(self.prompt_ids(""))
         if template >= self.max_prompt_tokens:
             raise ConfigError(
                 f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for the dialogue: the prompt "
@@ -186,7 +241,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         `conversation.\n\n#Person1#:` as one), so the dialogue's own token count does not tell how
         much fits; a binary search over its token boundaries finds the longest prefix that does.
         """
-        input_ids = self.tokenizer(self.prompt_template.format(dialogue=dialogue))["input_ids"]
+        input_ids = self.prompt_ids(dialogue)
         limit = self.max_prompt_tokens
         if limit is None or len(input_ids) <= limit:
             return input_ids
@@ -194,7 +249,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         ends = [0] + [end for _, end in offsets]  # ends[k]: characters of the first k dialogue tokens
 
         def prompt_ids(k: int) -> list[int]:
-            return self.tokenizer(self.prompt_template.format(dialogue=dialogue[: ends[k]]))["input_ids"]
+            return self.prompt_ids(dialogue[: ends[k]])
 
         fits, too_long = 0, len(ends) - 1  # 0 tokens: the bare template, which fits (check_prompt_budget)
         best = prompt_ids(0)
@@ -207,21 +262,53 @@ class DialogSumDataModule(pl.LightningDataModule):
                 too_long = mid
         return best
 
+    @property
+    def uses_chat_template(self) -> bool:
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        return self.prompt_format == "chat" or (self.prompt_format == "auto" and has_template)
+
+    def prompt_ids(self, dialogue: str) -> list[int]:
+        """Token ids of the prompt for `dialogue`: the template, through the chat template if used."""
+        text = self.prompt_template.format(dialogue=dialogue)
+        if not self.uses_chat_template:
+            return self.tokenizer(text)["input_ids"]
+        # the chat template writes the model's own special tokens; the tokenizer must not add more
+        chat = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(chat, add_special_tokens=False)["input_ids"]
+
+    def check_chat_template(self) -> None:
+        """Raise a ConfigError when the chat template is wanted but missing or does not render."""
+        if self.prompt_format == "chat" and getattr(self.tokenizer, "chat_template", None) is None:
+            raise ConfigError("data.prompt_format='chat' but the tokenizer has no chat template; use 'plain' or 'auto'")
+        if self.uses_chat_template:
+            try:
+                self.prompt_ids("#Person1#: Hello.")
+            except Exception as err:  # jinja2 errors, template variables the message lacks, ...
+                raise ConfigError(
+                    f"the tokenizer's chat template does not render a user message ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())[:300]}); set data.prompt_format: plain"
+                ) from err
+
     def tokenize(self, row: dict) -> dict:
         input_ids = self.fit_prompt(row["dialogue"])
         return {"input_ids": input_ids, "query": self.tokenizer.decode(input_ids, skip_special_tokens=True)}
 
     def collate(self, rows: list[dict]) -> dict:
-        """Right-padded prompts (T5's encoder expects right padding) plus the text columns.
+        """Padded prompts plus the text columns.
 
-        Right padding whatever the tokenizer's default: the rollout and the update trim prompts to
-        a chunk's longest by cutting trailing columns.
+        Padded on the tokenizer's side, which the policy sets from its architecture: right for T5's
+        encoder, left for decoder-only models that `generate` continues (`Architecture.padding_side`).
         """
         batch = self.tokenizer.pad(
-            {"input_ids": [r["input_ids"] for r in rows]}, padding=True, padding_side="right", return_tensors="pt"
+            {"input_ids": [r["input_ids"] for r in rows]},
+            padding=True,
+            padding_side=self.tokenizer.padding_side,
+            return_tensors="pt",
         )
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        for key in ("query", "summary", "id"):
+        for key in ("query", "summary", "id", "dialogue", "row"):
             if key in rows[0]:
                 out[key] = [r[key] for r in rows]
         return out
@@ -247,6 +334,18 @@ class DialogSumDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_dataset, batch_size=self.batch_size, collate_fn=self.collate)
+
+    def predict_dataloader(self) -> DataLoader:
+        """`predict_path`'s dialogues, or the held-out split's, in order; `row` numbers them."""
+        if self.predict_dataset is None:
+            if self.predict_path is not None:
+                from detox_lightning.predict import load_dialogues
+
+                dialogues = load_dialogues(self.predict_path)
+            else:
+                dialogues = self.load_splits()["test"]
+            self.predict_dataset = dialogues.map(lambda row, i: self.tokenize(row) | {"row": i}, with_indices=True)
+        return DataLoader(self.predict_dataset, batch_size=self.batch_size, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
         # The held-out split; only modules with a validation_step (the SFT stage) use it.

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from detox_lightning import estimators, ppo_math
+from detox_lightning.architectures import architecture_of
 from detox_lightning.checkpointing import (
     TrainableStateMixin,
     capture_rng_states,
@@ -68,6 +69,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
         self.policy, self.tokenizer = build_policy(policy, value_head=not ppo.critic_free)
+        self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
         # generate's logits round as the teacher-forced forward only in float32 (PPOSettings docs)
         self.logprobs_from_generate = (
             policy.dtype == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
@@ -94,7 +96,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
             "top_k": g.top_k,
             "top_p": g.top_p,
             "temperature": g.temperature,
-            "min_length": g.min_length,
+            **self.arch.min_length_kwargs(g.min_length),
             "max_new_tokens": max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
@@ -115,7 +117,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         kwargs = self.generation_kwargs(max_new_tokens)
         try:
             with reference_mode(self.policy) if reference else contextlib.nullcontext():
-                return sample(self.policy, input_ids, attention_mask, kwargs, keep_logits)
+                return sample(self.policy, self.arch, input_ids, attention_mask, kwargs, keep_logits)
         finally:
             self.policy.train(was_training)
 
@@ -164,11 +166,10 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference
         self.policy.eval()
         token_scores = score_rollout(
-            self.policy, samples, input_ids, attention_mask, self.generation.temperature, ppo.mini_batch_size,
+            self.policy, self.arch, samples, input_ids, attention_mask, self.generation.temperature, ppo.mini_batch_size,
             partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
             with_reference=ppo.needs_reference,
         )
-        decoder_input_ids = samples.decoder_input_ids
         del samples  # with its (B, T, V) step logits
         fmask = mask.float()
         logprobs, ref_logprobs = token_scores.logprobs, token_scores.ref_logprobs
@@ -212,7 +213,7 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
         experience = Experience(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            decoder_input_ids=decoder_input_ids,
+            padding_side=self.arch.padding_side,
             response_ids=ids,
             mask=fmask,
             logprobs=logprobs,
@@ -287,10 +288,11 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
                     mb = exp.select(micro_idx)
                     _, mb_logprobs, mb_vpred = logprobs_and_values(
                         self.policy,
+                        self.arch,
                         mb.input_ids,
                         mb.attention_mask,
-                        mb.decoder_input_ids,
                         mb.response_ids,
+                        mb.mask,
                         self.generation.temperature,
                     )
                     loss, mb_stats = self.loss(mb, mb_logprobs, mb_vpred, mb_tokens)
@@ -485,6 +487,16 @@ class PPODetoxModule(TrainableStateMixin, pl.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """Nothing per batch: `python train.py test` is evaluated as a whole by the
         `ToxicityEvaluation` callback (same prompts, seed and pairing as during fit)."""
+
+    # ---- predict: `python train.py predict` (detox_lightning.predict.PredictionWriter seeds, scores, writes) ----
+
+    predict_max_new_tokens: int | None = None  # set by PredictionWriter; None: generation.output_max_length
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[str]]:
+        """One sampled summary per prompt, with this module's generation settings."""
+        max_new_tokens = self.predict_max_new_tokens or self.generation.output_max_length
+        samples = self.sample(batch["input_ids"], batch["attention_mask"], max_new_tokens)
+        return {"query": batch["query"], "summary": self.decode(samples.response_ids)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""The policy: a seq2seq LM with a trainable LoRA adapter and trl's value head, plus its reference.
+"""The policy: a seq2seq or causal LM with a trainable LoRA adapter and trl's value head, plus its reference.
 
 The reference is not a second network. With a starting adapter, a frozen copy of it is loaded as
 a second adapter ("reference") on the same base weights; with a fresh LoRA, the reference is the
@@ -22,7 +22,8 @@ from torch import nn
 
 from detox_lightning.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
-from detox_lightning.trl_compat import AutoModelForSeq2SeqLMWithValueHead
+from detox_lightning.architectures import architecture_of
+from detox_lightning.trl_compat import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 POLICY_ADAPTER = "policy"
 REFERENCE_ADAPTER = "reference"
@@ -34,7 +35,9 @@ class PolicyConfig:
     """What to fine-tune.
 
     Args:
-        model_name_or_path: any `AutoModelForSeq2SeqLM`: hub id, local path or `builtin:` name.
+        model_name_or_path: any `AutoModelForSeq2SeqLM` (T5) or `AutoModelForCausalLM` (Llama,
+            GPT-2, ...), told apart by the config's `is_encoder_decoder`: hub id, local path or
+            `builtin:` name.
         adapter_name_or_path: a LoRA adapter to start from (hub id or path, e.g. the notebook's
             summarization checkpoint); it is loaded trainable as the policy and frozen as the
             reference, and its own LoRA settings apply. None: a fresh LoRA with the settings below.
@@ -45,7 +48,9 @@ class PolicyConfig:
             the value head stay float32.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
-        lora_target_modules: names of the modules that get LoRA (T5: q, k, v, o, wi_0, wi_1, wo).
+        lora_target_modules: names of the modules that get LoRA (T5: q, k, v, o, wi_0, wi_1, wo;
+            Llama: q_proj, k_proj, v_proj, o_proj, ...). None: peft's default for the model type
+            (T5: q, v, as the notebook; Llama, GPT-Neo: q_proj, v_proj).
         lora_dropout: LoRA dropout (switched off during PPO when `disable_dropout`).
         trust_remote_code: allow code shipped with the model (off unless you trust the source).
     """
@@ -56,7 +61,7 @@ class PolicyConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora_r: int = 32
     lora_alpha: int = 32
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    lora_target_modules: list[str] | None = None
     lora_dropout: float = 0.05
     trust_remote_code: bool = False
 
@@ -79,12 +84,63 @@ def check_policy_config(cfg: PolicyConfig) -> None:
         out_of_range("policy.lora_r", cfg.lora_r, 1),
         out_of_range("policy.lora_alpha", cfg.lora_alpha, 0, low_open=True),
         out_of_range("policy.lora_dropout", cfg.lora_dropout, 0, 1, high_open=True),
-        None if cfg.lora_target_modules else "policy.lora_target_modules is empty; name at least one module",
+        None if cfg.lora_target_modules != [] else "policy.lora_target_modules is empty; name at least one module",
     ])
 
 
 def not_an_adapter(flag: str, value: str) -> str:
     return f"policy.{flag}={value!r} could not be loaded as a PEFT LoRA adapter of this base model"
+
+
+LM_HEAD_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+
+
+def load_tokenizer_and_base(cfg: PolicyConfig):
+    """The policy's tokenizer and base model, of the architecture its config names.
+
+    The tokenizer pads on the architecture's side (right for encoder-decoder prompts, left for
+    decoder-only ones, which `generate` continues), and with EOS where it has no pad token.
+
+    Returns:
+        tokenizer, base model, `Architecture`.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve(cfg.model_name_or_path)
+    what = f"policy.model_name_or_path={cfg.model_name_or_path!r}"
+    with user_input(f"{what} could not be loaded (expected a hub id, a local model directory or a builtin: name)"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    named = getattr(config, "architectures", None) or []
+    if named and not any(name.endswith(LM_HEAD_SUFFIXES) for name in named):
+        raise ConfigError(
+            f"{what} is a {named[0]}, neither a seq2seq nor a causal language model "
+            f"(expected e.g. T5ForConditionalGeneration or LlamaForCausalLM)"
+        )
+    arch = architecture_of(config)
+    with user_input(f"{what} could not be loaded as a {arch.name} language model with its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        base = arch.auto_model_class().from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+    if tokenizer.pad_token is None:  # padding is masked by attention, never compared by id
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = arch.padding_side
+    return tokenizer, base, arch
+
+
+def lora_targets(cfg: PolicyConfig, base: nn.Module) -> list[str]:
+    """`lora_target_modules`, or peft's default for the model type (T5: q, v; Llama: q_proj, v_proj)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if cfg.lora_target_modules is not None:
+        return list(cfg.lora_target_modules)
+    model_type = base.config.model_type
+    if model_type not in DEFAULTS:
+        raise ConfigError(
+            f"policy.lora_target_modules is not set and peft has no default for model type {model_type!r}; "
+            f"name the linear modules to adapt"
+        )
+    return list(DEFAULTS[model_type])
 
 
 def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
@@ -94,28 +150,20 @@ def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
     Returns:
         the `PeftModel`, the tokenizer, and the reference's source (None: base, adapters disabled).
     """
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     check_policy_config(cfg)
-    path = resolve(cfg.model_name_or_path)
-    with user_input(
-        f"policy.model_name_or_path={cfg.model_name_or_path!r} could not be loaded as a seq2seq language model "
-        f"with its tokenizer (expected a hub id, a local model directory or a builtin: name)"
-    ):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        base = AutoModelForSeq2SeqLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-        )
+    tokenizer, base, arch = load_tokenizer_and_base(cfg)
     if cfg.adapter_name_or_path is None:
-        check_lora_targets(base, cfg.lora_target_modules)
+        targets = lora_targets(cfg, base)
+        check_lora_targets(base, targets)
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
-            target_modules=list(cfg.lora_target_modules),
+            target_modules=targets,
             lora_dropout=cfg.lora_dropout,
             bias="none",
-            task_type=TaskType.SEQ_2_SEQ_LM,
+            task_type=arch.task_type,
         )
         peft_model = get_peft_model(base, lora, adapter_name=POLICY_ADAPTER)
     else:
@@ -146,7 +194,8 @@ def build_policy(cfg: PolicyConfig, value_head: bool = True) -> tuple[AutoModelF
         value head) and the tokenizer.
     """
     peft_model, tokenizer, reference = load_lora_model(cfg)
-    model = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(peft_model)
+    wrapper = AutoModelForSeq2SeqLMWithValueHead if peft_model.config.is_encoder_decoder else AutoModelForCausalLMWithValueHead
+    model = wrapper.from_pretrained(peft_model)
     if value_head:
         model.v_head.float()
     else:

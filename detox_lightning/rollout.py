@@ -1,8 +1,8 @@
-"""Model-facing steps of a PPO iteration: sample responses, and log-probs/values of given responses.
+"""Model-facing steps of an RL iteration: sample responses, and log-probs/values of given responses.
 
-Token alignment (encoder-decoder): the decoder input is `[start, r_1, ..., r_{T-1}]`; position t
-predicts `r_{t+1}`, so `logits[:, t]`, `logprobs[:, t]` and `values[:, t]` all belong to response
-token t. The decoder start token is never a response token.
+Architecture-agnostic: how prompts are padded, where the response starts and how the
+teacher-forced pass is fed come from the policy's `Architecture` (architectures.py), so that
+`logits[:, t]`, `logprobs[:, t]` and `values[:, t]` belong to response token t for T5 and Llama alike.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from detox_lightning import ppo_math
-from detox_lightning.trl_compat import AutoModelForSeq2SeqLMWithValueHead, entropy_from_logits, selective_log_softmax
+from detox_lightning.architectures import Architecture, PaddingSide, decoder_inputs  # noqa: F401 - re-exported
+from detox_lightning.trl_compat import entropy_from_logits, selective_log_softmax
 
 
 @dataclass
@@ -25,14 +26,12 @@ class Samples:
 
     Attributes:
         response_ids: (B, T) tokens, padded after the first EOS.
-        decoder_input_ids: (B, T) the decoder inputs that produced them.
         mask: (B, T) bool response mask.
         step_logits: T tensors (B, V), the raw logits of each sampling step (empty unless kept).
         values: (B, T) value-head predictions from the decoder's last hidden states (None unless kept).
     """
 
     response_ids: torch.Tensor
-    decoder_input_ids: torch.Tensor
     mask: torch.Tensor
     step_logits: tuple[torch.Tensor, ...] = ()
     values: torch.Tensor | None = None
@@ -52,7 +51,6 @@ class Experience:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    decoder_input_ids: torch.Tensor
     response_ids: torch.Tensor
     mask: torch.Tensor  # float
     logprobs: torch.Tensor
@@ -60,6 +58,7 @@ class Experience:
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    padding_side: PaddingSide = "right"  # of the prompts: the policy's architecture's
 
     def select(self, idx: torch.Tensor) -> Experience:
         """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
@@ -67,10 +66,11 @@ class Experience:
         response_len = int(self.mask[idx].sum(dim=1).max())
         fields = {}
         for name, value in vars(self).items():
-            if value is not None:
+            if isinstance(value, torch.Tensor):
                 value = value[idx]
-                if name in ("input_ids", "attention_mask"):
-                    value = value[:, :prompt_len]
+                if name in ("input_ids", "attention_mask"):  # prompt padding sits on `padding_side`
+                    keep = slice(None, prompt_len) if self.padding_side == "right" else slice(-prompt_len, None)
+                    value = value[:, keep]
                 elif value.dim() == 2:
                     value = value[:, :response_len]
             fields[name] = value
@@ -99,15 +99,10 @@ class RolloutRecord:
     kl: torch.Tensor
 
 
-def decoder_inputs(response_ids: torch.Tensor, decoder_start_token_id: int) -> torch.Tensor:
-    """Shift responses right behind the decoder start token: (B, T) -> (B, T)."""
-    start = response_ids.new_full((response_ids.shape[0], 1), decoder_start_token_id)
-    return torch.cat([start, response_ids[:, :-1]], dim=1)
-
-
 @torch.no_grad()
 def sample(
-    model: AutoModelForSeq2SeqLMWithValueHead,
+    model,
+    arch: Architecture,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     generation_kwargs: dict,
@@ -118,8 +113,10 @@ def sample(
     Taking log-probs and values from generation saves a forward pass: they are computed with the
     same weights (checked against `logprobs_and_values` in the tests). The price is memory: the
     (B, T, V) step logits live until the rollout is scored.
+
+    Args:
+        model: the value-head policy; `generation_kwargs` must name `eos_token_id` and `pad_token_id`.
     """
-    config = model.pretrained_model.config
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -128,15 +125,14 @@ def sample(
         output_hidden_states=keep_logits and model.v_head is not None,
         **generation_kwargs,
     )
-    response_ids = out.sequences[:, 1:]
-    mask = ppo_math.response_mask(response_ids, config.eos_token_id)
-    response_ids = response_ids.masked_fill(~mask, config.pad_token_id)
-    samples = Samples(response_ids, decoder_inputs(response_ids, config.decoder_start_token_id), mask)
+    response_ids = arch.responses(out.sequences, input_ids.shape[1])
+    mask = ppo_math.response_mask(response_ids, generation_kwargs["eos_token_id"])
+    response_ids = response_ids.masked_fill(~mask, generation_kwargs["pad_token_id"])
+    samples = Samples(response_ids, mask)
     if keep_logits:
         samples.step_logits = out.logits
         if model.v_head is not None:
-            hidden = torch.cat([step[-1] for step in out.decoder_hidden_states], dim=1)  # (B, T, H)
-            samples.values = model.v_head(hidden).squeeze(-1).float()
+            samples.values = model.v_head(arch.generated_hidden(out)).squeeze(-1).float()
     return samples
 
 
@@ -146,24 +142,21 @@ def token_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature
 
 
 def logprobs_and_values(
-    model: AutoModelForSeq2SeqLMWithValueHead,
+    model,
+    arch: Architecture,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    decoder_input_ids: torch.Tensor,
     response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
     temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One teacher-forced forward pass.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One teacher-forced forward pass over prompt and response (`Architecture.forward`).
 
     Returns:
         logits (B, T, V) float32 (not divided by the temperature), logprobs (B, T) and values (B, T)
         (None without a value head).
     """
-    logits, _, values = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        decoder_input_ids=decoder_input_ids,
-    )
+    logits, values = arch.forward(model, input_ids, attention_mask, response_ids, response_mask)
     return logits, token_logprobs(logits, response_ids, temperature), None if values is None else values.float()
 
 
@@ -188,7 +181,8 @@ class RolloutScores:
 
 @torch.no_grad()
 def score_rollout(
-    model: AutoModelForSeq2SeqLMWithValueHead,
+    model,
+    arch: Architecture,
     samples: Samples,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -214,27 +208,26 @@ def score_rollout(
     for rows in order.split(chunk_size):
         width = int(attention_mask[rows].sum(dim=1).max())
         t = int(samples.mask[rows].sum(dim=1).max())
-        enc = {"input_ids": input_ids[rows, :width], "attention_mask": attention_mask[rows, :width]}
-        dec, ids = samples.decoder_input_ids[rows, :t], samples.response_ids[rows, :t]
+        prompt = arch.trim_prompt(input_ids[rows], attention_mask[rows], width)
+        ids, mask = samples.response_ids[rows, :t], samples.mask[rows, :t]
         if samples.step_logits:
             logits = samples.logits(rows, t)
             values = samples.values[rows, :t] if samples.values is not None else None
         else:
-            logits, _, values = model(**enc, decoder_input_ids=dec)
+            logits, values = arch.forward(model, *prompt, ids, mask)
         logits = _scaled(logits, temperature)
         chunk = {"logprobs": selective_log_softmax(logits, ids), "entropy": entropy_from_logits(logits)}
         if values is not None:
             chunk["values"] = values.float()
         if with_reference:
             with reference_mode():
-                ref_logits, _, _ = model(**enc, decoder_input_ids=dec)
+                ref_logits, _ = arch.forward(model, *prompt, ids, mask)
             ref_logits = _scaled(ref_logits, temperature)
             chunk["ref_logprobs"] = selective_log_softmax(ref_logits, ids)
             if with_full_kl:
                 chunk["full_kl"] = ppo_math.full_kl(logits, ref_logits)
             del ref_logits
         del logits
-        mask = samples.mask[rows, :t]
         for name, value in chunk.items():
             parts[name].append(F.pad(value * mask, (0, length - t)))  # back to the batch's length
     unsort = order.argsort()

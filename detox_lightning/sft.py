@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from detox_lightning.architectures import architecture_of
 from detox_lightning.checkpointing import TrainableStateMixin
 from detox_lightning.errors import ConfigError
 from detox_lightning.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
@@ -50,18 +51,41 @@ class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
         self.max_target_tokens, self.adapter_dir, self.sample_prompts = max_target_tokens, adapter_dir, sample_prompts
         self.batch_size = batch_size
         self.model, self.tokenizer, _ = load_lora_model(policy, with_reference=False)
+        self.arch = architecture_of(self.model.config)
         trainable, total = count_parameters(self.model)
         rank_zero_info(f"SFT trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     def loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the reference summary given the prompt; only summary tokens are targets."""
         if "summary" not in batch:
             raise ConfigError("SFT needs a 'summary' column in the data (the reference summaries)")
-        labels = self.tokenizer(
-            batch["summary"], truncation=True, max_length=self.max_target_tokens, padding=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        labels = labels.masked_fill(labels == self.tokenizer.pad_token_id, -100)  # padding is not a target
-        # T5 builds the decoder input by shifting the labels right behind the start token.
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+        if self.arch.is_encoder_decoder:
+            target = self.tokenizer(
+                batch["summary"], truncation=True, max_length=self.max_target_tokens, padding=True, return_tensors="pt"
+            ).to(self.device)
+            # padding is masked by attention, not by id; T5 shifts the labels behind its start token itself
+            labels = target.input_ids.masked_fill(target.attention_mask == 0, -100)
+            return self.model(input_ids=prompt_ids, attention_mask=prompt_mask, labels=labels).loss
+        # decoder-only: [prompt (left-padded), summary, EOS (right-padded)]; the prompt is context, not a target
+        eos = self.tokenizer.eos_token_id
+        summaries = self.tokenizer(
+            batch["summary"], add_special_tokens=False, truncation=True, max_length=self.max_target_tokens - 1
+        ).input_ids
+        width = max(len(ids) for ids in summaries) + 1
+        target = torch.full((len(summaries), width), eos, dtype=torch.long)
+        target_mask = torch.zeros_like(target)
+        for row, ids in enumerate(summaries):
+            target[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            target_mask[row, : len(ids) + 1] = 1  # the summary and its EOS
+        target, target_mask = target.to(self.device), target_mask.to(self.device)
+        input_ids = torch.cat([prompt_ids, target], dim=1)
+        attention_mask = torch.cat([prompt_mask, target_mask], dim=1)
+        labels = torch.cat([torch.full_like(prompt_ids, -100), target.masked_fill(target_mask == 0, -100)], dim=1)
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate numbers a left-padded prompt
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, labels=labels
+        ).loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -97,12 +121,15 @@ class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
             batch = data.collate(rows)
             was_training = self.model.training
             self.model.eval()
+            input_ids = batch["input_ids"].to(self.device)
             out = self.model.generate(
-                input_ids=batch["input_ids"].to(self.device),
+                input_ids=input_ids,
                 attention_mask=batch["attention_mask"].to(self.device),
                 max_new_tokens=self.max_target_tokens,
                 do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
             )
             self.model.train(was_training)
-            for row, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True), strict=True):
+            summaries = self.arch.responses(out, input_ids.shape[1])
+            for row, text in zip(rows, self.tokenizer.batch_decode(summaries, skip_special_tokens=True), strict=True):
                 rank_zero_info(f"SFT sample: {text.strip()!r} (reference: {row.get('summary', '')!r})")

@@ -52,3 +52,29 @@ def perturbed_adapter(tiny_t5, tmp_path_factory):
     path = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_cache):
+    from detox_lightning.builtin import resolve
+
+    return resolve("builtin:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def perturbed_causal_adapter(tiny_llama, tmp_path_factory):
+    """A LoRA adapter of the tiny causal LM far from zero, so that policy != bare base model."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
+    model = get_peft_model(base, lora)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    path = tmp_path_factory.mktemp("causal_adapter")
+    model.save_pretrained(path)
+    return str(path)

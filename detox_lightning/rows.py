@@ -1,0 +1,70 @@
+"""Reading prompt datasets' rows: nested fields (`prompt.text`) and numeric filters (`prompt.toxicity > 0.3`)."""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+from detox_lightning.errors import ConfigError
+
+OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
+_FILTER = re.compile(r"^\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+def get_field(row: dict, field: str):
+    """`row["prompt"]["text"]` for `prompt.text`; None where a level is missing."""
+    value = row
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def check_field(columns: list[str], features, field: str, flag: str) -> None:
+    """Raise a ConfigError listing the columns unless `field` (dotted) names one of the dataset's fields."""
+    top, *rest = field.split(".")
+    if top not in columns:
+        raise ConfigError(f"{flag}={field!r}: the data has no column {top!r}; its columns are {columns}")
+    feature = features[top]
+    for part in rest:
+        if not isinstance(feature, dict) or part not in feature:
+            inner = sorted(feature) if isinstance(feature, dict) else []
+            raise ConfigError(f"{flag}={field!r}: column {top!r} has no field {part!r}; its fields are {inner}")
+        feature = feature[part]
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """`<field> <op> <number>`: keeps rows whose (nested) numeric field satisfies it; missing values fail."""
+
+    field: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> RowFilter:
+        match = _FILTER.match(text)
+        if not match:
+            raise ConfigError(
+                f"data.filter={text!r} is not of the form '<field> <op> <number>' (op one of {' '.join(OPERATORS)}), "
+                f"e.g. 'prompt.toxicity > 0.3'"
+            )
+        field, op, number = match.groups()
+        try:
+            value = float(number)
+        except ValueError:
+            raise ConfigError(f"data.filter={text!r}: {number!r} is not a number") from None
+        return cls(field, op, value)
+
+    def __call__(self, row: dict) -> bool:
+        value = get_field(row, self.field)
+        if value is None or isinstance(value, (str, bytes, dict, list)):
+            return False
+        value = float(value)
+        return not math.isnan(value) and OPERATORS[self.op](value, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.op} {self.value:g}"

@@ -1,0 +1,137 @@
+"""Decoder-only policies: alignment of left-padded rollouts, exact first step, the real CLI, data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from detox_lightning.architectures import CAUSAL
+from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
+from detox_lightning.rollout import logprobs_and_values, sample, score_rollout, token_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EndRowEarly(LogitsProcessor):
+    """Test only: make row `row` emit EOS at its `step`-th new token, so responses end at different lengths."""
+
+    def __init__(self, prompt_width, eos, ends):
+        self.prompt_width, self.eos, self.ends = prompt_width, eos, ends
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_width
+        scores = scores.clone()  # generate keeps the tensor it passes in as the step's raw logits
+        for row, end in self.ends.items():
+            if step == end:
+                scores[row] = float("-inf")
+                scores[row, self.eos] = 0.0
+        return scores
+
+
+def left_padded_prompts(tokenizer):
+    texts = ["#Person1#: Hi.", "#Person1#: Where is the station? #Person2#: Down the road, on the left.",
+             "#Person2#: Thanks for dinner, it was lovely.", "Summary:"]
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_left_padded_rollout_equals_per_row_unpadded_forward(tiny_llama, perturbed_causal_adapter, keep_logits):
+    model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_llama, adapter_name_or_path=perturbed_causal_adapter))
+    model.eval()
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id == tokenizer.eos_token_id  # no pad token of its own
+    enc = left_padded_prompts(tokenizer)
+    width = enc.input_ids.shape[1]
+    assert (enc.attention_mask[:, 0] == 0).any()  # some prompts really are padded
+    eos = tokenizer.eos_token_id
+    kwargs = {"do_sample": True, "top_k": 0, "top_p": 1.0, "max_new_tokens": 10, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": eos, "logits_processor": LogitsProcessorList([EndRowEarly(width, eos, {1: 3, 2: 6})])}
+    torch.manual_seed(0)
+    samples = sample(model, CAUSAL, enc.input_ids, enc.attention_mask, kwargs, keep_logits=keep_logits)
+    lengths = samples.mask.sum(dim=1).tolist()
+    assert lengths[1] == 4 and lengths[2] == 7  # up to and including the forced EOS
+    for row, length in enumerate(lengths):  # the mask is exactly the tokens up to the first EOS
+        ids = samples.response_ids[row]
+        first_eos = next((t for t in range(ids.shape[0]) if ids[t] == eos), None)
+        assert length == (first_eos + 1 if first_eos is not None and samples.mask[row, first_eos] else ids.shape[0])
+    scores = score_rollout(model, CAUSAL, samples, enc.input_ids, enc.attention_mask, 1.0, 3, lambda: reference_mode(model))
+    with torch.no_grad():
+        for row, length in enumerate(lengths):
+            prompt = enc.input_ids[row][enc.attention_mask[row].bool()]  # the prompt without its padding
+            ids = torch.cat([prompt, samples.response_ids[row, :length]])[None]
+            logits, _, values = model(input_ids=ids)
+            p = prompt.shape[0]
+            want_lp = token_logprobs(logits[:, p - 1 : p - 1 + length], samples.response_ids[row : row + 1, :length], 1.0)
+            torch.testing.assert_close(scores.logprobs[row, :length], want_lp[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(scores.values[row, :length], values[0, p - 1 : p - 1 + length], rtol=0, atol=1e-5)
+            assert (scores.logprobs[row, length:] == 0).all()
+    # the same through the update's teacher-forced pass (the whole batch, left-padded)
+    with torch.no_grad():
+        _, logprobs, values = logprobs_and_values(model, CAUSAL, enc.input_ids, enc.attention_mask,
+                                                  samples.response_ids, samples.mask, 1.0)
+    m = samples.mask
+    torch.testing.assert_close(logprobs[m], scores.logprobs[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(values[m], scores.values[m], rtol=0, atol=1e-5)
+
+
+def test_causal_policy_lora_is_peft_default_and_trains_only_policy_and_value_head(tiny_llama):
+    model, _ = build_policy(PolicyConfig(model_name_or_path=tiny_llama, lora_r=4))
+    config = model.pretrained_model.peft_config["policy"]
+    assert config.task_type == "CAUSAL_LM" and set(config.target_modules) == {"q_proj", "v_proj"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n and ".policy." in n) or n.startswith("v_head.") for n in trainable)
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          check=False)
+
+
+def scalars(root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(Path(root).rglob("events.out.tfevents.*"))))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_causal_first_iteration_kl_is_zero_and_ratio_one(tmp_path, perturbed_causal_adapter, dtype):
+    config = yaml.safe_load((ROOT / "configs" / "tiny_causal.yaml").read_text())
+    config["trainer"]["callbacks"] = []
+    config["trainer"]["enable_checkpointing"] = False
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = run_train("fit", "--config", str(tmp_path / "c.yaml"), "--trainer.default_root_dir", str(tmp_path),
+                       "--trainer.limit_train_batches", "1", "--model.init_args.policy.dtype", dtype,
+                       "--model.init_args.policy.adapter_name_or_path", perturbed_causal_adapter,
+                       "--model.init_args.generation.output_min_length", "200",
+                       "--model.init_args.generation.output_max_length", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars(tmp_path)
+    assert logged["tokens/responses_len_mean"][0] > 50
+    assert abs(logged["objective/kl"][0]) < 1e-4, logged["objective/kl"]
+    assert abs(logged["ppo/policy/ratio_first"][0] - 1) < 1e-3, logged["ppo/policy/ratio_first"]
+
+
+def test_tiny_causal_config_trains_and_exports_a_causal_adapter(tmp_path, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run_train("fit", "--config", "configs/tiny_causal.yaml", "--trainer.default_root_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    logged = scalars(run)
+    assert len(logged["objective/kl"]) == 3 and len(logged["env/reward_mean"]) == 3
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all("lora_" in k or "v_head" in k for k in checkpoint["state_dict"])
+    adapter = run / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter))
+    trained = {k.replace(".policy", ""): v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+    loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
+    assert trained.keys() == {"pretrained_model." + k for k in loaded} or len(trained) == len(loaded)
