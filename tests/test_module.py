@@ -211,7 +211,7 @@ def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed
     batch = first_batch(sample_data, tiny_t5)
     torch.manual_seed(0)
     exp, _ = module.make_experience(batch)
-    args = (exp.input_ids, exp.attention_mask, exp.decoder_input_ids, exp.response_ids, 1.0)
+    args = (module.arch, exp.input_ids, exp.attention_mask, exp.response_ids, exp.mask, 1.0)
     with torch.no_grad():
         logits, logprobs, _ = logprobs_and_values(module.policy, *args)
         with reference_mode(module.policy):
@@ -240,7 +240,7 @@ def saved_bytes_and_grads(module, exp):
     module.update_mode()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _, logprobs, values = logprobs_and_values(
-            module.policy, exp.input_ids, exp.attention_mask, exp.decoder_input_ids, exp.response_ids, 1.0
+            module.policy, module.arch, exp.input_ids, exp.attention_mask, exp.response_ids, exp.mask, 1.0
         )
     ((logprobs * exp.mask).sum() + (values * exp.mask).sum()).backward()
     grads = {n: p.grad.clone() for n, p in module.policy.named_parameters() if p.requires_grad}

@@ -11,7 +11,8 @@ from detox_lightning.policy import (
     has_reference_adapter,
     reference_mode,
 )
-from detox_lightning.rollout import Samples, decoder_inputs, logprobs_and_values, sample
+from detox_lightning.architectures import SEQ2SEQ, decoder_inputs
+from detox_lightning.rollout import Samples, logprobs_and_values, sample
 
 
 def prompts(tokenizer, n=4):
@@ -50,14 +51,14 @@ def test_starting_adapter_is_kept_frozen_as_reference_on_the_same_base(tiny_t5, 
 
     enc = prompts(tokenizer)
     ids = torch.randint(3, 100, (enc.input_ids.shape[0], 6))
-    dec = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)
+    args = (SEQ2SEQ, enc.input_ids, enc.attention_mask, ids, torch.ones_like(ids, dtype=torch.bool), 1.0)
     model.eval()
     with torch.no_grad():
-        _, policy_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
+        _, policy_lp, _ = logprobs_and_values(model, *args)
         with reference_mode(model):
-            _, ref_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
+            _, ref_lp, _ = logprobs_and_values(model, *args)
         with model.pretrained_model.disable_adapter():
-            _, base_lp, _ = logprobs_and_values(model, enc.input_ids, enc.attention_mask, dec, ids, 1.0)
+            _, base_lp, _ = logprobs_and_values(model, *args)
     torch.testing.assert_close(ref_lp, policy_lp)  # reference = the starting adapter ...
     assert (base_lp - policy_lp).abs().max() > 1e-2  # ... which is not the bare base model
     # switching to the reference and back left requires_grad as it was
@@ -81,14 +82,15 @@ def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_ad
     enc = prompts(tokenizer)
     torch.manual_seed(0)
     kwargs = generation_kwargs(tokenizer) | {"temperature": temperature}
-    samples = sample(model, enc.input_ids, enc.attention_mask, kwargs, keep_logits=True)
-    assert (samples.decoder_input_ids[:, 0] == model.pretrained_model.config.decoder_start_token_id).all()
-    assert torch.equal(samples.decoder_input_ids[:, 1:], samples.response_ids[:, :-1])
+    samples = sample(model, SEQ2SEQ, enc.input_ids, enc.attention_mask, kwargs, keep_logits=True)
+    dec = decoder_inputs(samples.response_ids, model.pretrained_model.config.decoder_start_token_id)
+    assert (dec[:, 0] == model.pretrained_model.config.decoder_start_token_id).all()
+    assert torch.equal(dec[:, 1:], samples.response_ids[:, :-1])
     n, t = samples.response_ids.shape
     gen_logprobs = token_logprobs(samples.logits(torch.arange(n), t), samples.response_ids, temperature)
     with torch.no_grad():
         _, logprobs, values = logprobs_and_values(
-            model, enc.input_ids, enc.attention_mask, samples.decoder_input_ids, samples.response_ids, temperature
+            model, SEQ2SEQ, enc.input_ids, enc.attention_mask, samples.response_ids, samples.mask, temperature
         )
     m = samples.mask
     # float32 agreement, relative to log-probs of order -10 from logits of order 30: the two
@@ -120,19 +122,18 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
     temperature = 0.7
     torch.manual_seed(0)
     kwargs = generation_kwargs(tokenizer, 16) | {"temperature": temperature, "min_length": 2}
-    samples = sample(model, input_ids, attention_mask, kwargs, keep_logits=keep_logits)
+    samples = sample(model, SEQ2SEQ, input_ids, attention_mask, kwargs, keep_logits=keep_logits)
     # Responses of several lengths, so that chunks are trimmed: end rows early with an EOS. The
     # step logits up to each new end stay valid (position t only sees tokens before t).
     ids, mask = samples.response_ids.clone(), torch.zeros_like(samples.mask)
     for row, length in enumerate([3, 16, 7, 10, 5]):
         ids[row, length - 1], ids[row, length:] = tokenizer.eos_token_id, tokenizer.pad_token_id
         mask[row, :length] = True
-    start = model.pretrained_model.config.decoder_start_token_id
-    samples = Samples(ids, decoder_inputs(ids, start), mask, samples.step_logits, samples.values)
-    scores = score_rollout(model, samples, input_ids, attention_mask, temperature, 3,
+    samples = Samples(ids, mask, samples.step_logits, samples.values)
+    scores = score_rollout(model, SEQ2SEQ, samples, input_ids, attention_mask, temperature, 3,
                            partial(reference_mode, model), with_full_kl=True)
 
-    args = (input_ids, attention_mask, samples.decoder_input_ids, samples.response_ids, temperature)
+    args = (SEQ2SEQ, input_ids, attention_mask, samples.response_ids, samples.mask, temperature)
     with torch.no_grad():
         logits, logprobs, values = logprobs_and_values(model, *args)
         with reference_mode(model):
@@ -158,7 +159,7 @@ def test_sampled_response_mask_ends_at_first_eos(tiny_t5):
     enc = prompts(tokenizer, n=8)
     eos = tokenizer.eos_token_id
     torch.manual_seed(1)
-    samples = sample(model.eval(), enc.input_ids, enc.attention_mask, generation_kwargs(tokenizer, 30))
+    samples = sample(model.eval(), SEQ2SEQ, enc.input_ids, enc.attention_mask, generation_kwargs(tokenizer, 30))
     for ids, mask in zip(samples.response_ids, samples.mask):
         n = int(mask.sum())
         assert mask[:n].all() and not mask[n:].any()
