@@ -64,6 +64,13 @@ class DetoxCLI(LightningCLI):
         if config.get("weights_only") is None:
             config["weights_only"] = True  # tensors and plain data only; what torch >= 2.6 defaults to
 
+    def before_predict(self) -> None:
+        """`predict` writes `predictions.jsonl` through a PredictionWriter: one is added when the config has none."""
+        from detox_lightning.predict import add_prediction_writer
+
+        self.before_fit()
+        add_prediction_writer(self.trainer)
+
 
 # Library messages that say nothing actionable about a run of this tool (checked on the pinned versions).
 QUIET_WARNINGS = (
@@ -145,6 +152,14 @@ def parser_error_line(err: ArgumentError) -> str:
         name, expected, value = wrong_type[-1]
         prefix = f"{key.group(1)}.init_args." if key and key.group(1) != name else ""
         return f"{prefix}{name}={value!r} is not a valid {expected}"
+    in_class = re.search(
+        r"Problem with given class_path '([\w.]+)':\s*Parser key \"([^\"]+)\".*?Expected a <class '(\w+)'>.*?Given value: ([^\n]+)",
+        text,
+        re.DOTALL,
+    )
+    if in_class:  # a typed argument of a component in a list, e.g. a callback's band given as text
+        owner, name, expected, value = in_class.groups()
+        return f"{owner.rsplit('.', 1)[-1]}: {name}={value.strip()!r} is not a valid {expected}"
     return " ".join(text.split())[:500]
 
 
