@@ -121,13 +121,23 @@ class RolloutStats:
         return cls(*(rows(name) for name in ("tokens", "lengths", "capped", "eos", "kl", "scores", "judge_toxicity")))
 
 
-def rollout_figures(stats: RolloutStats, repeat_n: int) -> dict[str, float]:
-    """The `monitor/...` figures of one iteration's rollouts."""
+def rollout_figures(stats: RolloutStats, repeat_n: int, length_clip: int | None = None) -> dict[str, float]:
+    """The `monitor/...` figures of one iteration's rollouts.
+
+    Args:
+        stats: every rank's rollouts of the iteration.
+        repeat_n: the n of the repeated n-gram rate.
+        length_clip: `response_len_clipped` is the mean of min(length, length_clip): with the
+            smallest token cap the run can draw, it does not move with each iteration's drawn cap
+            (the first tokens of a response do not depend on the cap), so a band on it sees the
+            policy change and not the draw. None: no clip.
+    """
     figures = {
         "monitor/distinct_1": distinct_n(stats.tokens, 1),
         "monitor/distinct_2": distinct_n(stats.tokens, 2),
         "monitor/repeated_ngram_rate": repeated_ngram_rate(stats.tokens, repeat_n),
         "monitor/response_len_mean": float(np.mean(stats.lengths)),
+        "monitor/response_len_clipped": float(np.mean(np.minimum(stats.lengths, length_clip or max(stats.lengths)))),
         "monitor/capped_frac": float(np.mean(stats.capped)),
         "monitor/eos_rate": float(np.mean(stats.eos)),
     }
@@ -148,6 +158,7 @@ LABELS = {
     "monitor/distinct_2": "distinct-2",
     "monitor/repeated_ngram_rate": "repeated n-gram rate",
     "monitor/response_len_mean": "response length",
+    "monitor/response_len_clipped": "clipped length",
     "monitor/capped_frac": "capped fraction",
     "monitor/eos_rate": "EOS rate",
     "monitor/kl": "KL",
@@ -232,7 +243,9 @@ class RolloutMonitor(Callback):
 
     Figures (TensorBoard `monitor/...`, from every rank's rollouts): `distinct_1`, `distinct_2`
     (distinct token n-grams / all, over the batch), `repeated_ngram_rate` (n-grams repeating an
-    earlier one of the same response), `response_len_mean` (tokens, EOS included), `capped_frac`
+    earlier one of the same response), `response_len_mean` (tokens, EOS included),
+    `response_len_clipped` (the same, each length clipped at `generation.output_min_length`, the
+    smallest cap a PPO iteration can draw, so it does not move with the drawn cap), `capped_frac`
     (responses that reached the token cap), `eos_rate`, `kl` (summed per response, as
     `objective/kl`), and on judged iterations `judge_toxicity` and `judge_reward_corr` (Pearson,
     expected negative). Relative bands compare with the first iteration of the run (kept in
@@ -245,8 +258,8 @@ class RolloutMonitor(Callback):
             optimizer, KL controller and score statistics, adjust as below and go on).
         max_distinct_1_drop: breach when distinct-1 falls by more than this fraction, in (0, 1].
         max_distinct_2_drop: breach when distinct-2 falls by more than this fraction, in (0, 1].
-        max_length_change: breach when the mean response length moves by more than this fraction
-            either way, in (0, 1].
+        max_length_change: breach when the clipped mean response length (`response_len_clipped`)
+            moves by more than this fraction either way, in (0, 1].
         max_repeated_ngram_rate: breach when the repeated n-gram rate exceeds this, in (0, 1].
         max_kl: breach when the mean KL per response (`objective/kl`) exceeds this (> 0).
         max_judge_toxicity_rise: breach when the judge's mean toxicity on the rollouts rises by
@@ -308,7 +321,7 @@ class RolloutMonitor(Callback):
         specs = [
             ("monitor/distinct_1", "drop", max_distinct_1_drop),
             ("monitor/distinct_2", "drop", max_distinct_2_drop),
-            ("monitor/response_len_mean", "change", max_length_change),
+            ("monitor/response_len_clipped", "change", max_length_change),
             ("monitor/repeated_ngram_rate", "ceiling", max_repeated_ngram_rate),
             ("monitor/kl", "ceiling", max_kl),
             ("monitor/judge_toxicity", "rise", max_judge_toxicity_rise),
@@ -316,6 +329,8 @@ class RolloutMonitor(Callback):
         self.bands = [Band(metric, kind, float(limit)) for metric, kind, limit in specs if limit is not None]
         self.first: dict[str, float] = {}  # the run's first value of each figure
         self.last: dict[str, float] = {}
+        self.length_clip: int | None = None  # generation.output_min_length, read at each iteration
+        self.last_at: dict[str, int] = {}  # the iteration of each figure in `last` (the judge's are not every one's)
         self.breaches: dict[str, int] = {}  # metric -> iterations in breach
         self.rollbacks = 0
         self.rolled_back: list[tuple[int, int]] = []  # (iteration of the breach, iteration restored) this run
@@ -355,12 +370,14 @@ class RolloutMonitor(Callback):
             parts = [None] * trainer.world_size
             torch.distributed.all_gather_object(parts, stats)
             stats = RolloutStats.merge(parts)
-        figures = rollout_figures(stats, self.repeat_n)
+        self.length_clip = getattr(getattr(pl_module, "generation", None), "output_min_length", None)
+        figures = rollout_figures(stats, self.repeat_n, self.length_clip)
         for name, value in figures.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=len(stats.tokens))
         new = {k: v for k, v in figures.items() if k not in self.first}
         self.first.update(new)
         self.last.update(figures)
+        self.last_at.update(dict.fromkeys(figures, iteration))
         if "monitor/distinct_2" in new:
             rank_zero_info(f"monitor: first rollouts (iteration {iteration}): {self.describe(figures)}")
         breaches = check_bands(self.first, figures, self.bands)
@@ -378,8 +395,9 @@ class RolloutMonitor(Callback):
         if not self.last:
             return
         breaches = ", ".join(f"{LABELS[m]} x{c}" for m, c in self.breaches.items()) or "none"
+        iteration = ppo_iterations(trainer)
         rank_zero_info(
-            f"monitor: last rollouts (iteration {ppo_iterations(trainer)}): {self.describe(self.last, with_first=True)}; "
+            f"monitor: last rollouts (iteration {iteration}): {self.describe(self.last, with_first=True, at=iteration)}; "
             f"iterations in breach: {breaches}" + (f"; rollbacks: {self.rollbacks}" if self.rollbacks else "")
         )
 
@@ -394,13 +412,17 @@ class RolloutMonitor(Callback):
                 return callback.judge, callback.text
         return None, None
 
-    def describe(self, figures: dict[str, float], with_first: bool = False) -> str:
+    def describe(self, figures: dict[str, float], with_first: bool = False, at: int | None = None) -> str:
         parts = []
         for name, value in figures.items():
-            label = LABELS[name] if name != "monitor/repeated_ngram_rate" else f"repeated {self.repeat_n}-grams"
+            label = {
+                "monitor/repeated_ngram_rate": f"repeated {self.repeat_n}-grams",
+                "monitor/response_len_clipped": f"length clipped at {self.length_clip}",
+            }.get(name, LABELS[name])
             first = self.first.get(name)
             was = f"{first:.3g} -> " if with_first and first is not None else ""
-            parts.append(f"{label} {was}{value:.3g}")
+            when = f" (iteration {self.last_at[name]})" if at is not None and self.last_at.get(name, at) != at else ""
+            parts.append(f"{label} {was}{value:.3g}{when}")
         return ", ".join(parts)
 
     def stop(self, trainer: pl.Trainer, iteration: int, why: str) -> None:

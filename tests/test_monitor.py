@@ -70,11 +70,12 @@ def test_rollout_figures_from_a_record_split_eos_cap_and_length():
     stats = RolloutStats.of(record)
     assert stats.tokens == [[5, 6, 5], [7, 7, 7, 7], []]
     assert stats.eos == [True, False, True] and stats.capped == [True, True, False] and stats.lengths == [4, 4, 1]
-    figures = rollout_figures(stats, repeat_n=2)
+    figures = rollout_figures(stats, repeat_n=2, length_clip=3)
     assert figures["monitor/distinct_1"] == pytest.approx(3 / 7)  # 5 6 5 7 7 7 7
     assert figures["monitor/distinct_2"] == pytest.approx(3 / 5)  # 56 65 77 77 77
     assert figures["monitor/repeated_ngram_rate"] == pytest.approx(2 / 5)
     assert figures["monitor/response_len_mean"] == pytest.approx(3.0)
+    assert figures["monitor/response_len_clipped"] == pytest.approx(7 / 3)  # min(4, 3) + min(4, 3) + min(1, 3)
     assert figures["monitor/capped_frac"] == pytest.approx(2 / 3)
     assert figures["monitor/eos_rate"] == pytest.approx(2 / 3)
     assert figures["monitor/kl"] == pytest.approx(1.0)
