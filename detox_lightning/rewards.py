@@ -6,6 +6,7 @@ and the toxicity probability used by evaluation.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from functools import partial
 from typing import Literal, get_args
@@ -15,6 +16,7 @@ from torch import nn
 
 from detox_lightning.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
+from detox_lightning.quantize import INT8_DYNAMIC, QUANTIZE_CHOICES, Quantize, has_int8_linear, quantize_linear_int8
 
 RewardText = Literal["query_response", "response"]
 
@@ -104,6 +106,13 @@ class HFClassifierReward(RewardModel):
             left, so in `query + response` the dialogue loses its start and the response, which
             the reward and the evaluation judge, is never cut while any of the query is left.
         trust_remote_code: allow code shipped with the model (off unless you trust the source).
+        quantize: `int8`: on CPU, the Linear layers of the classifier's body run in int8 with
+            dynamically quantized inputs (`detox_lightning.quantize`), from the first scoring on;
+            the classification head stays float32. About 2-3x faster on CPU; an approximation of
+            the reward, so opt-in: on a random-weight RoBERTa-base the largest logit change was
+            0.021, a rank correlation with float32 of 0.84 where all its scores lie within 0.05 of
+            each other. On a CUDA device it is ignored with a warning (scored as loaded). `none`:
+            as loaded. `precision` says which one scores.
     """
 
     def __init__(
@@ -115,11 +124,16 @@ class HFClassifierReward(RewardModel):
         batch_size: int = 8,
         max_length: int = 512,
         trust_remote_code: bool = False,
+        quantize: Quantize = "none",
     ) -> None:
         super().__init__(text)
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        raise_problems([out_of_range("reward.batch_size", batch_size, 1), out_of_range("reward.max_length", max_length, 8)])
+        raise_problems([
+            out_of_range("reward.batch_size", batch_size, 1),
+            out_of_range("reward.max_length", max_length, 8),
+            None if quantize in QUANTIZE_CHOICES else f"reward quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}",
+        ])
         path = resolve(model_name_or_path)
         with user_input(
             f"reward model_name_or_path={model_name_or_path!r} could not be loaded as a sequence classifier with "
@@ -143,6 +157,37 @@ class HFClassifierReward(RewardModel):
         self.toxic_index = labels[toxic_label]
         self.batch_size = batch_size
         self.max_length = max_length
+        self.quantize = quantize
+        self._warned_cuda = False
+
+    @property
+    def precision(self) -> str:
+        """What scores on the classifier's present device: `int8-dynamic`, or its dtype (`float32`)."""
+        if has_int8_linear(self.classifier) or (self.quantize == "int8" and self._device().type == "cpu"):
+            return INT8_DYNAMIC
+        return str(self.classifier.dtype).removeprefix("torch.")
+
+    def _device(self) -> torch.device:
+        return self.classifier.get_input_embeddings().weight.device
+
+    def _prepare(self, device: torch.device) -> None:
+        """Quantize the body at the first scoring on CPU; on another device, warn once and score as loaded."""
+        if self.quantize != "int8":
+            return
+        quantized = has_int8_linear(self.classifier)
+        if device.type == "cpu" and not quantized:
+            quantize_linear_int8(self.classifier.base_model)
+        elif device.type != "cpu" and quantized:
+            raise RuntimeError(
+                f"reward quantize='int8' was applied on CPU and its int8 layers cannot move to {device}; "
+                f"build the reward again on {device} (there it scores as loaded)"
+            )
+        elif device.type != "cpu" and not self._warned_cuda:
+            warnings.warn(
+                f"reward quantize='int8' runs on CPU only; on {device} the classifier scores in "
+                f"{self.precision}", stacklevel=3,
+            )
+            self._warned_cuda = True
 
     @torch.no_grad()
     def logits(self, texts: list[str]) -> torch.Tensor:
@@ -151,7 +196,8 @@ class HFClassifierReward(RewardModel):
         Texts go through the classifier `batch_size` at a time, shortest first, so each forward
         pads only to its own longest text.
         """
-        device = next(self.classifier.parameters()).device
+        device = self._device()
+        self._prepare(device)
         out = torch.zeros(len(texts), self.classifier.config.num_labels, device=device)
         if not texts:
             return out

@@ -65,13 +65,7 @@ def _pad_vocab(tokenizer, size: int):
 
 def build_models(root: Path, shape: str, reward_shape: str) -> tuple[str, str]:
     """Save a FLAN-T5-shaped policy and a RoBERTa-shaped nothate/hate classifier under `root`."""
-    from transformers import (
-        GenerationConfig,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
+    from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
     from detox_lightning.builtin import train_tokenizer
 
@@ -93,7 +87,16 @@ def build_models(root: Path, shape: str, reward_shape: str) -> tuple[str, str]:
     model.save_pretrained(policy_dir)
     t5_tok.save_pretrained(policy_dir)
     del model
+    return str(policy_dir), build_reward(root / "reward", reward_shape, corpus)
 
+
+def build_reward(reward_dir: Path, reward_shape: str, corpus: list[str] | None = None) -> str:
+    """Save a RoBERTa-shaped nothate/hate classifier (random weights, seed 0) with its BPE tokenizer."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from detox_lightning.builtin import train_tokenizer
+
+    corpus = corpus or _corpus(200 if reward_shape == "tiny" else 1000)
     rob_tok = train_tokenizer(
         corpus, BPE_VOCAB, {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
@@ -102,11 +105,11 @@ def build_models(root: Path, shape: str, reward_shape: str) -> tuple[str, str]:
         type_vocab_size=1, bos_token_id=0, pad_token_id=1, eos_token_id=2,
         id2label={0: "nothate", 1: "hate"}, label2id={"nothate": 0, "hate": 1}, **REWARD_SHAPES[reward_shape],
     )
+    torch.manual_seed(0)
     classifier = RobertaForSequenceClassification(rconfig)
-    reward_dir = root / "reward"
     classifier.save_pretrained(reward_dir)
     rob_tok.save_pretrained(reward_dir)
-    return str(policy_dir), str(reward_dir)
+    return str(reward_dir)
 
 
 def make_prompts(tokenizer, n: int, seed: int) -> list[dict]:
