@@ -115,3 +115,23 @@ def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path):
     assert after["eval/toxicity_delta_ci_high"] < 0, after
     assert after["eval/judge_toxicity_delta_ci_high"] < 0, after  # not only the classifier PPO optimised
     assert after["eval/rougeL_delta"] >= -rougel_tolerance, after
+
+    # The rollout monitor (warn mode) printed what it saw, first and last, with no breach.
+    output = detox.stdout + detox.stderr
+    first = [line for line in output.splitlines() if line.startswith("monitor: first rollouts (iteration 1): distinct-1 ")]
+    last = [line for line in output.splitlines() if line.startswith("monitor: last rollouts (iteration 12): ")]
+    assert len(first) == 1 and "judge toxicity" in first[0] and len(last) == 1, output[-3000:]
+    assert last[0].endswith("iterations in breach: none"), last
+    # adapter_best/: the report names the evaluation chosen among 4, 8 and 12, and it reloads with peft.
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    from detox_lightning.builtin import resolve
+
+    best = report["best_adapter"]
+    assert best["iteration"] in (4, 8, 12) and set(best["rejected"]) == {"4", "8", "12"} - {str(best["iteration"])}, best
+    assert f"best adapter: iteration {best['iteration']} of 3 evaluated" in output
+    log_dir = next((tmp_path / "detox").rglob("evaluation_report.json")).parent
+    reloaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(resolve("builtin:tiny-t5")), log_dir / "adapter_best")
+    assert any("lora_" in name for name, _ in reloaded.named_parameters())
+    assert (log_dir / "toxicity_before_after.png").is_file()
