@@ -219,3 +219,18 @@ def test_rollback_restores_the_last_in_band_state_lowers_the_learning_rate_and_g
     # ... and the run trained on from there: the next checkpoint differs
     nxt = saved(breach_at + 1)["state_dict"]
     assert any(not torch.equal(nxt[n], t) for n, t in good["state_dict"].items())
+
+
+def test_every_shipped_ppo_config_runs_the_monitor():
+    from pathlib import Path
+
+    import yaml
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    ppo = [c for c in configs if yaml.safe_load(c.read_text())["model"]["class_path"].endswith("PPODetoxModule")]
+    assert len(ppo) >= 3
+    for config in ppo:
+        callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+        assert any(c["class_path"] == "detox_lightning.monitor.RolloutMonitor" for c in callbacks), (
+            f"configs/{config.name}: add the detox_lightning.monitor.RolloutMonitor callback (every shipped PPO config runs it)"
+        )
