@@ -19,10 +19,12 @@ KEYS = {
 }
 
 
+TINY = ["--shape", "tiny", "--reward-shape", "tiny", "--mini-batch-size", "2", "--new-tokens", "4", "--iters", "1"]
+
+
 def test_bench_tiny_prints_json_with_every_key(tmp_path):
     cmd = [
-        sys.executable, "-m", "detox_lightning.bench", "--shape", "tiny", "--reward-shape", "tiny",
-        "--batch-size", "4", "--mini-batch-size", "2", "--new-tokens", "4", "--iters", "1",
+        sys.executable, "-m", "detox_lightning.bench", *TINY, "--batch-size", "4", "--reward-quantize", "int8",
         "--eval-prompts", "4", "--eval-batch-size", "2", "--model-dir", str(tmp_path / "models"),
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
@@ -35,6 +37,25 @@ def test_bench_tiny_prints_json_with_every_key(tmp_path):
     assert set(result["split"]) == {"ours", "notebook", "floor"}
     assert set(result["rss_phases_mb"]) == {"ours", "notebook", "floor"}
     assert "| ours |" in res.stdout and "| notebook |" in res.stdout
+    # the module and the floor score with the int8 reward, the notebook's loop in float32 as the notebook
+    assert (result["reward_precision"], result["reward_precision_notebook"]) == ("int8-dynamic", "float32")
+    assert (result["estimator"], result["samples_per_prompt"], result["responses_per_iter"]) == ("gae", 1, 4)
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
+def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path, estimator):
+    cmd = [
+        sys.executable, "-m", "detox_lightning.bench", *TINY, "--estimator", estimator, "--samples-per-prompt", "2",
+        "--batch-size", "2", "--skip-notebook", "--skip-eval", "--model-dir", str(tmp_path / "models"),
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (result["estimator"], result["samples_per_prompt"], result["responses_per_iter"]) == (estimator, 2, 4)
+    assert set(result["split"]) == {"ours", "floor"}  # the floor stays PPO, on the prompts repeated
+    assert result["s_per_iter"] > 0 and result["peak_rss_mb"] > 0 and result["peak_rss_mb_floor"] > 0
+    assert result["reward_precision"] == "float32"
+    assert f"{estimator}, 2 prompts x 2" in res.stdout
 
 
 def test_bench_names_every_bad_flag():
@@ -45,6 +66,17 @@ def test_bench_names_every_bad_flag():
     assert "--batch-size=6 is not divisible by --mini-batch-size=4" in res.stderr
     assert "--iters=0 must be at least 1" in res.stderr
     assert "--mini-batch-size=4 is not divisible by --grad-accum=3" in res.stderr
+
+
+def test_bench_names_bad_estimator_flags():
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--estimator", "grpo", "--samples-per-prompt", "1"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2 and "--samples-per-prompt=1 must be at least 2 with --estimator=grpo" in res.stderr
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--estimator", "rloo", "--samples-per-prompt", "3",
+           "--batch-size", "2", "--mini-batch-size", "4"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2
+    assert "--batch-size=2 x --samples-per-prompt=3 is not divisible by --mini-batch-size=4" in res.stderr
 
 
 def test_bench_worker_alone_prints_its_peak_and_each_phase_peak(tmp_path):

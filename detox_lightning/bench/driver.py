@@ -15,7 +15,18 @@ from pathlib import Path
 import torch
 
 from detox_lightning.bench.memory import rss_mb
-from detox_lightning.bench.models import DTYPES, REWARD_SHAPES, SHAPES, build_models, collate, make_module, make_prompts
+from detox_lightning.bench.models import (
+    DTYPES,
+    REWARD_SHAPES,
+    SHAPES,
+    build_models,
+    collate,
+    make_module,
+    make_prompts,
+    make_reward,
+)
+from detox_lightning.estimators import ESTIMATORS
+from detox_lightning.quantize import QUANTIZE_CHOICES
 from detox_lightning.bench.ways import WAYS, Clock, eval_batched, eval_notebook, mean_split, run_ours, run_way
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
@@ -61,7 +72,8 @@ def measure_memory(way: str, args) -> dict:
 
 
 FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
-             "gradient_checkpointing", "new_tokens", "reward_batch_size", "eval_prompts", "eval_batch_size", "seed", "workdir")
+             "gradient_checkpointing", "new_tokens", "reward_batch_size", "reward_quantize", "estimator",
+             "samples_per_prompt", "eval_prompts", "eval_batch_size", "seed", "workdir")
 
 
 def setup(args):
@@ -72,7 +84,8 @@ def setup(args):
     root = Path(args.model_dir)
     if not (root / "reward" / "config.json").is_file():
         build_models(root, args.shape, args.reward_shape)
-    module = make_module(args, str(root / "policy"), str(root / "reward")).to(args.device)
+    quantize = "none" if args.worker == "notebook" else None  # the notebook scores in float32
+    module = make_module(args, str(root / "policy"), str(root / "reward"), quantize).to(args.device)
     prompts = make_prompts(module.tokenizer, args.batch_size * (args.iters + 1), seed=args.seed)
     batches = [collate(module.tokenizer, prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
     return module, batches, prompts
@@ -116,19 +129,27 @@ def run(args) -> dict:
     chars_per_token = sum(p["chars"] for p in prompts) / sum(len(p["input_ids"]) for p in prompts)
     print(f"setup {time.perf_counter() - t_setup:.1f}s: {args.shape} policy, {args.reward_shape} reward, "
           f"{prompt_tokens:.0f} prompt tokens on average ({chars_per_token:.2f} characters a token)", flush=True)
+    # The notebook's loop scores in float32 as the notebook does; this module and the floor as set.
+    nb_reward = module.reward
+    if args.reward_quantize != "none" and not args.skip_notebook:
+        nb_reward = make_reward(args, str(Path(args.model_dir) / "reward"), "none").to(args.device)
     splits = {}
     for way in WAYS:
         if way == "notebook" and args.skip_notebook:
             continue
-        splits[way] = mean_split(run_way(way, module, batches, args))
+        splits[way] = mean_split(run_way(way, module, batches, args, reward=nb_reward))
+        if way == "ours":  # what the module itself ran, not what was asked
+            ran = {"estimator": module.ppo.advantage_estimator, "samples_per_prompt": module.ppo.samples_per_prompt,
+                   "responses_per_iter": len(module.last_rollout.responses)}
         print(f"{way}: {splits[way]['total']:.2f} s/iter", flush=True)
     if args.profile:
         profile_ours(module, batches[-1], args)
 
     eval_prompts = make_prompts(module.tokenizer, args.eval_prompts, seed=99)
     eval_s = None if args.skip_eval else eval_batched(module, eval_prompts, args)
-    eval_nb_s = None if args.skip_notebook or args.skip_eval else eval_notebook(module, eval_prompts, args)
-    del module
+    eval_nb_s = None if args.skip_notebook or args.skip_eval else eval_notebook(module, nb_reward, eval_prompts, args)
+    precision = {"ours": module.reward.precision, "notebook": nb_reward.precision}
+    del module, nb_reward
     memory = {} if args.skip_memory else {w: measure_memory(w, args) for w in WAYS if w in splits}
 
     result = {
@@ -156,7 +177,8 @@ def run(args) -> dict:
         "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
-        "reward_batch_size": args.reward_batch_size,
+        "reward_batch_size": args.reward_batch_size, "reward_precision": precision["ours"],
+        "reward_precision_notebook": precision["notebook"], **ran,
         "new_tokens": args.new_tokens, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
         "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
         "cpu": cpu_name(), "versions": versions(),
@@ -170,9 +192,10 @@ def print_table(result: dict, splits: dict) -> None:
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
-    print(f"\n{result['shape']} policy / {result['reward_shape']} reward, {result['dtype']} on {result['device']} "
-          f"({result['threads']} threads, {result['cpu']}); batch {result['batch_size']}, mini-batch "
-          f"{result['mini_batch_size']}, {result['new_tokens']} new tokens, mean of {result['iters']} iterations")
+    print(f"\n{result['shape']} policy / {result['reward_shape']} reward ({result['reward_precision']}; the notebook's "
+          f"{result['reward_precision_notebook']}), {result['dtype']} on {result['device']} ({result['threads']} threads, "
+          f"{result['cpu']}); {result['estimator']}, {result['batch_size']} prompts x {result['samples_per_prompt']}, "
+          f"mini-batch {result['mini_batch_size']}, {result['new_tokens']} new tokens, mean of {result['iters']} iterations")
     print("| way | generate s | reward s | old+ref logprobs, values s | update s | total s/iter | CPU s/iter | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for way, s in splits.items():
@@ -219,6 +242,12 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--new-tokens", type=int, default=64, help="exact length of every response")
     p.add_argument("--reward-batch-size", type=int, default=8,
                    help="texts per classifier forward, this module and the floor (the notebook's pipeline: 16)")
+    p.add_argument("--reward-quantize", choices=QUANTIZE_CHOICES, default="none",
+                   help="HFClassifierReward(quantize=...) of this module and the floor; the notebook's stays float32")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="gae",
+                   help="this module's advantage_estimator (the notebook and the floor are PPO)")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="responses per prompt (rloo, grpo: >= 2); the notebook and the floor take each prompt as often")
     p.add_argument("--iters", type=int, default=2, help="timed iterations after one warm-up")
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--eval-batch-size", type=int, default=16)
@@ -233,8 +262,14 @@ def parse_args(argv: list[str] | None):
                    help="only build and run one iteration of this way in this process; print its peak RSS as JSON")
     args = p.parse_args(argv)
     problems = []
-    if args.batch_size % args.mini_batch_size:
-        problems.append(f"--batch-size={args.batch_size} is not divisible by --mini-batch-size={args.mini_batch_size}")
+    rows = args.batch_size * args.samples_per_prompt
+    if args.samples_per_prompt < 1 or (args.estimator != "gae" and args.samples_per_prompt < 2):
+        problems.append(f"--samples-per-prompt={args.samples_per_prompt} must be at least "
+                        + ("1" if args.estimator == "gae" else f"2 with --estimator={args.estimator}"))
+    elif rows % args.mini_batch_size:
+        what = f"--batch-size={args.batch_size}" + (f" x --samples-per-prompt={args.samples_per_prompt}"
+                                                     if args.samples_per_prompt > 1 else "")
+        problems.append(f"{what} is not divisible by --mini-batch-size={args.mini_batch_size}")
     if args.grad_accum < 1 or args.mini_batch_size % args.grad_accum:
         problems.append(f"--mini-batch-size={args.mini_batch_size} is not divisible by --grad-accum={args.grad_accum}")
     for flag in ("new_tokens", "iters", "eval_prompts", "eval_batch_size", "reward_batch_size"):

@@ -133,14 +133,31 @@ def collate(tokenizer, rows: list[dict]) -> dict:
             "query": [r["query"] for r in rows]}
 
 
-def make_module(args, policy_dir: str, reward_dir: str):
-    from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule, PPOSettings
+def repeat_rows(batch: dict, k: int) -> dict:
+    """Each prompt k times in a row, as the module repeats them for k samples per prompt."""
+    if k == 1:
+        return batch
+    return {"input_ids": batch["input_ids"].repeat_interleave(k, dim=0),
+            "attention_mask": batch["attention_mask"].repeat_interleave(k, dim=0),
+            "query": [q for q in batch["query"] for _ in range(k)]}
+
+
+def make_reward(args, reward_dir: str, quantize: str | None = None):
+    """The reward classifier; `quantize` None: as `--reward-quantize` says."""
+    from detox_lightning import HFClassifierReward
+
+    return HFClassifierReward(reward_dir, batch_size=args.reward_batch_size, quantize=quantize or args.reward_quantize)
+
+
+def make_module(args, policy_dir: str, reward_dir: str, reward_quantize: str | None = None):
+    from detox_lightning import GenerationSettings, PolicyConfig, PPODetoxModule, PPOSettings
 
     return PPODetoxModule(
-        reward=HFClassifierReward(reward_dir, batch_size=args.reward_batch_size),
+        reward=make_reward(args, reward_dir, reward_quantize),
         policy=PolicyConfig(model_name_or_path=policy_dir, dtype=DTYPES[args.dtype]),
         ppo=PPOSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1,
-                        gradient_checkpointing=args.gradient_checkpointing),
+                        gradient_checkpointing=args.gradient_checkpointing, advantage_estimator=args.estimator,
+                        samples_per_prompt=args.samples_per_prompt),
         # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token)
         generation=GenerationSettings(min_length=args.new_tokens + 1, output_min_length=args.new_tokens,
                                       output_max_length=args.new_tokens),

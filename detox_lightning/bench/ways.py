@@ -1,7 +1,10 @@
 """The three ways one PPO iteration is timed: this project's module, the notebook's loop, a floor.
 
 Plus the evaluation's throughput both ways. Each function takes the same module (the same
-weights, tokenizer and reward) so that only the way differs.
+weights, tokenizer and reward) so that only the way differs; the notebook's ways take their own
+reward when `--reward-quantize` is set (the notebook scores in float32), and the floor uses the
+module's. With `--samples-per-prompt k` the notebook and the floor take each prompt k times, so
+every way generates, scores and trains on as many responses.
 """
 
 from __future__ import annotations
@@ -14,9 +17,20 @@ from collections import defaultdict
 import torch
 
 from detox_lightning.bench.memory import reset_peak, rss_mb
-from detox_lightning.bench.models import collate
+from detox_lightning.bench.models import collate, repeat_rows
 
 WAYS = ("ours", "notebook", "floor")
+
+
+class ValueHead(torch.nn.Module):
+    """trl's value head (dropout, one Linear to a scalar), for the PPO ways when this module has none."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.dropout, self.summary = torch.nn.Dropout(dropout), torch.nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype)))
 
 
 class Clock:
@@ -138,7 +152,7 @@ def pipeline_scores(reward, texts: list[str], batch_size: int = 16) -> torch.Ten
     return torch.cat(out)
 
 
-def notebook_iteration(module, ref_model, optimizer, batch: dict, args, clock: Clock) -> None:
+def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, clock: Clock) -> None:
     from detox_lightning import ppo_math
     from detox_lightning.trl_compat import masked_whiten
 
@@ -152,7 +166,7 @@ def notebook_iteration(module, ref_model, optimizer, batch: dict, args, clock: C
         responses = [policy.generate(input_ids=q[None].to(device), **gen_kwargs)[0, 1:] for q in queries]
     with clock("reward"):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        scores = pipeline_scores(module.reward, [q + r for q, r in zip(batch["query"], texts, strict=True)]).to(device)
+        scores = pipeline_scores(reward, [q + r for q, r in zip(batch["query"], texts, strict=True)]).to(device)
     rows = list(zip(queries, responses, strict=True))
     # 2. old log-probs and values, then reference log-probs from the deep-copied model: two passes
     with clock("logprobs"), torch.no_grad():
@@ -229,7 +243,7 @@ def eval_batched(module, prompts: list[dict], args) -> float:
 
 
 @torch.no_grad()
-def eval_notebook(module, prompts: list[dict], args) -> float:
+def eval_notebook(module, reward, prompts: list[dict], args) -> float:
     """The notebook's `evaluate_toxicity`: one prompt, one generate, one toxicity call at a time; seconds."""
     policy, tokenizer, device = module.policy, module.tokenizer, torch.device(args.device)
     policy.eval()
@@ -239,18 +253,26 @@ def eval_notebook(module, prompts: list[dict], args) -> float:
         out = policy.generate(input_ids=torch.tensor([p["input_ids"]], device=device),
                               **module.generation_kwargs(args.new_tokens))
         response = tokenizer.decode(out[0, 1:], skip_special_tokens=True)
-        module.reward.toxicity([p["query"] + " " + response]).tolist()
+        reward.toxicity([p["query"] + " " + response]).tolist()
     return clock.now() - t0
 
 
 # ---- driving a way over batches ----
 
 
-def run_way(way: str, module, batches: list[dict], args, clock: Clock | None = None) -> list[dict[str, float]]:
-    """Run `way` over `batches` (the first is the warm-up); per-iteration phase timings."""
+def run_way(
+    way: str, module, batches: list[dict], args, clock: Clock | None = None, reward=None
+) -> list[dict[str, float]]:
+    """Run `way` over `batches` (the first is the warm-up); per-iteration phase timings.
+
+    `reward`: the notebook's classifier (default: the module's).
+    """
     clock = clock or Clock(torch.device(args.device))
     if way == "ours":
         return run_ours(module, batches, args, clock)
+    batches = [repeat_rows(b, args.samples_per_prompt) for b in batches]
+    if module.policy.v_head is None:  # rloo/grpo built the module without one; these ways are PPO
+        module.policy.v_head = ValueHead(module.policy.pretrained_model.config.d_model).to(args.device)
     with clock("setup"):
         params = [p for p in module.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=module.ppo.learning_rate)
@@ -261,7 +283,7 @@ def run_way(way: str, module, batches: list[dict], args, clock: Clock | None = N
         clock.totals.clear()
         t0, cpu0 = clock.now(), time.process_time()
         if way == "notebook":
-            notebook_iteration(module, ref_model, optimizer, batch, args, clock)
+            notebook_iteration(module, reward or module.reward, ref_model, optimizer, batch, args, clock)
         else:
             floor_iteration(module, optimizer, batch, args, clock)
         per_iter.append(dict(clock.totals) | {"total": clock.now() - t0, "cpu": time.process_time() - cpu0})
