@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from detox_lightning.architectures import architecture_of
 from detox_lightning.builtin import resolve
 from detox_lightning.checkpointing import EpochSeededSampler, ResumableDataLoader
 from detox_lightning.errors import ConfigError, user_input
@@ -190,6 +191,10 @@ class DialogSumDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs before Lightning creates the log dir: bad data stops the run with nothing written.
         self.load_splits()
+        if self.tokenizer_name_or_path is not None or self.trainer is not None:
+            self.tokenizer = self.load_tokenizer()
+            self.check_chat_template()
+            self.check_prompt_budget()
         if self.predict_path is not None and self.trainer is not None and self.trainer.predicting:
             from detox_lightning.predict import load_dialogues
 
@@ -209,10 +214,18 @@ class DialogSumDataModule(pl.LightningDataModule):
             )
 
     def load_tokenizer(self):
-        if self.tokenizer_name_or_path is not None:
-            from transformers import AutoTokenizer
+        if self.tokenizer_name_or_path is not None:  # standalone: pad as the policy would (policy.py)
+            from transformers import AutoConfig, AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(resolve(self.tokenizer_name_or_path))
+            path = resolve(self.tokenizer_name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            try:
+                tokenizer.padding_side = architecture_of(AutoConfig.from_pretrained(path)).padding_side
+            except (OSError, ValueError):  # a tokenizer without a model config: its own side
+                pass
+            return tokenizer
         if self.trainer is None or not hasattr(self.trainer.lightning_module, "tokenizer"):
             raise ConfigError("data.tokenizer_name_or_path is needed when the data module is used without a model")
         return self.trainer.lightning_module.tokenizer

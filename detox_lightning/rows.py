@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from detox_lightning.errors import ConfigError
@@ -17,7 +18,7 @@ def get_field(row: dict, field: str):
     """`row["prompt"]["text"]` for `prompt.text`; None where a level is missing."""
     value = row
     for part in field.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if not isinstance(value, Mapping) or part not in value:  # datasets hands `map` a lazy Mapping
             return None
         value = value[part]
     return value
@@ -61,7 +62,7 @@ class RowFilter:
 
     def __call__(self, row: dict) -> bool:
         value = get_field(row, self.field)
-        if value is None or isinstance(value, (str, bytes, dict, list)):
+        if value is None or isinstance(value, (str, bytes, Mapping, list)):
             return False
         value = float(value)
         return not math.isnan(value) and OPERATORS[self.op](value, self.value)

@@ -135,3 +135,102 @@ def test_tiny_causal_config_trains_and_exports_a_causal_adapter(tmp_path, tiny_l
     trained = {k.replace(".policy", ""): v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
     loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
     assert trained.keys() == {"pretrained_model." + k for k in loaded} or len(trained) == len(loaded)
+
+
+def rtp_like_file(tmp_path):
+    """RealToxicityPrompts' shape: the text and its toxicity nested under `prompt`, no summary."""
+    from helpers import write_jsonl
+
+    rows = []
+    for i in range(24):
+        toxicity = None if i % 6 == 5 else (i % 6) / 10 + 0.05  # 0.05 .. 0.45, and a missing value
+        rows.append({"prompt": {"text": f"#Person1#: Tell me about the trip number {i}, and", "toxicity": toxicity},
+                     "continuation": {"text": " more.", "toxicity": 0.1}})
+    return write_jsonl(tmp_path / "rtp.jsonl", rows), rows
+
+
+def test_prompt_dataset_filters_on_a_nested_numeric_field(tmp_path, tiny_llama):
+    from detox_lightning import DialogSumDataModule
+
+    path, rows = rtp_like_file(tmp_path)
+    data = DialogSumDataModule(path=path, text_column="prompt.text", filter="prompt.toxicity > 0.3",
+                               prompt_template="{dialogue}", prompt_format="plain", min_chars=0, batch_size=2,
+                               tokenizer_name_or_path=tiny_llama, test_size=0.25)
+    splits = data.load_splits()
+    kept = sorted(list(splits["train"]["dialogue"]) + list(splits["test"]["dialogue"]))
+    want = sorted(r["prompt"]["text"] for r in rows if r["prompt"]["toxicity"] is not None and r["prompt"]["toxicity"] > 0.3)
+    assert kept == want and len(want) == 8  # 0.35 and 0.45 of each six; the missing value is dropped
+    data.setup("fit")
+    batch = data.collate([data.train_dataset[i] for i in range(2)])
+    assert "summary" not in batch and batch["query"][0] in want  # the text as it is, no template
+
+
+@pytest.mark.slow
+def test_causal_fit_on_a_prompt_dataset_without_references_skips_rouge(tmp_path):
+    path, _ = rtp_like_file(tmp_path)
+    result = run_train("fit", "--config", "configs/tiny_causal.yaml", "--trainer.default_root_dir", str(tmp_path / "run"),
+                       "--trainer.limit_train_batches", "1", "--data.path", path, "--data.text_column", "prompt.text",
+                       "--data.filter", "prompt.toxicity > 0.3", "--data.prompt_template", "{dialogue}",
+                       "--data.min_chars", "0", "--data.batch_size", "4", "--data.test_size", "0.5",
+                       "--trainer.callbacks.init_args.num_prompts", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "ROUGE is skipped" in output and "ROUGE-L" not in output
+    report = json.loads(next((tmp_path / "run").rglob("evaluation_report.json")).read_text())
+    assert "eval/toxicity_mean" in report["after"] and "eval/rougeL" not in report["after"]
+
+
+CAUSAL_BAD_INPUTS = {
+    "a model neither seq2seq nor causal": (
+        ["--model.init_args.policy.model_name_or_path", "builtin:tiny-hate-roberta"],
+        "is a RobertaForSequenceClassification, neither a seq2seq nor a causal language model",
+    ),
+    "a chat template that fails to render": (
+        ["--model.init_args.policy.model_name_or_path", "{broken_chat}"],
+        "the tokenizer's chat template does not render a user message",
+    ),
+    "chat prompts without a chat template": (
+        ["--model.init_args.policy.model_name_or_path", "builtin:tiny-t5", "--data.prompt_format", "chat"],
+        "data.prompt_format='chat' but the tokenizer has no chat template",
+    ),
+    "a text column that does not exist": (
+        ["--data.path", "{rtp}", "--data.text_column", "prompt.body"],
+        "data.text_column='prompt.body': column 'prompt' has no field 'body'; its fields are ['text', 'toxicity']",
+    ),
+    "a filter on a missing column": (
+        ["--data.path", "{rtp}", "--data.text_column", "prompt.text", "--data.filter", "toxicity > 0.3"],
+        "data.filter='toxicity': the data has no column 'toxicity'; its columns are ['prompt', 'continuation']",
+    ),
+    "a filter that leaves nothing": (
+        ["--data.path", "{rtp}", "--data.text_column", "prompt.text", "--data.filter", "prompt.toxicity > 0.9"],
+        "data.filter='prompt.toxicity > 0.9' keeps 0 of 24 rows",
+    ),
+    "a filter that does not parse": (
+        ["--data.path", "{rtp}", "--data.text_column", "prompt.text", "--data.filter", "prompt.toxicity is high"],
+        "is not of the form '<field> <op> <number>'",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CAUSAL_BAD_INPUTS, ids=list(CAUSAL_BAD_INPUTS))
+def test_causal_bad_input_is_one_error_line_and_writes_nothing(case, tmp_path, tiny_llama):
+    import shutil
+
+    args, message = CAUSAL_BAD_INPUTS[case]
+    broken = tmp_path / "broken_chat"
+    shutil.copytree(tiny_llama, broken)
+    config_file = broken / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["chat_template"] = "{{ messages[0]['content'] | no_such_filter }}"
+    config_file.write_text(json.dumps(tokenizer_config))
+    (broken / "chat_template.jinja").unlink(missing_ok=True)
+    (broken / "chat_template.jinja").write_text(tokenizer_config["chat_template"])
+    files = {"{rtp}": rtp_like_file(tmp_path)[0], "{broken_chat}": str(broken)}
+    args = [files.get(a, a) for a in args]
+    root = tmp_path / "runs"
+    result = run_train("fit", "--config", "configs/tiny_causal.yaml", "--trainer.default_root_dir", str(root), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    assert not root.exists()
