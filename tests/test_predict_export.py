@@ -10,7 +10,14 @@ import pytest
 import torch
 from helpers import write_jsonl
 
-from detox_lightning import DialogSumDataModule, HFClassifierReward, PolicyConfig, PPODetoxModule, ProfanityCheckReward
+from detox_lightning import (
+    DialogSumDataModule,
+    HFClassifierReward,
+    PolicyConfig,
+    PPODetoxModule,
+    ProfanityCheckReward,
+    RewardModel,
+)
 from detox_lightning.cli import main
 from detox_lightning.evaluation import ToxicityEvaluation
 from detox_lightning.export import export_merged
@@ -57,18 +64,35 @@ def test_predict_writes_one_line_per_dialogue_and_the_same_lines_for_the_same_se
     assert [line["summary"] for line in other] != [line["summary"] for line in first]  # the seed is what fixes them
 
 
-def test_predict_scores_as_the_evaluation_does(module, sample_data, tmp_path):
+class TextToxicity(RewardModel):
+    """A toxicity that changes with every character of the scored text, so a scorer given other
+    texts than the evaluation's (the summary alone, say) cannot match its numbers by chance."""
+
+    def toxicity(self, texts):
+        return torch.tensor([(sum(map(ord, t)) % 997) / 997 for t in texts])
+
+    def score(self, texts):
+        return -self.toxicity(texts)
+
+
+def test_predict_scores_as_the_evaluation_does(tiny_t5, perturbed_adapter, sample_data, tmp_path):
     """On the held-out split with the evaluation's seed and batch size, predict samples the
     evaluation's texts, so its toxicity and judge toxicity must be the evaluation's numbers."""
+    module = PPODetoxModule(
+        reward=TextToxicity(),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter),
+        generation=GenerationSettings(output_min_length=8, output_max_length=8),
+        batch_size=8,
+    )
     trainer, evaluation, lines = predict(module, sample_data, tmp_path, num_prompts=16)
     assert len(lines) == len(trainer.datamodule.test_dataset)  # the whole held-out split
     outputs = evaluation.generate_and_score(trainer, module, reference=False)  # its first 16 prompts, 2 batches
     lines = lines[:16]
     assert [line["summary"] for line in lines] == [r[0] for r in outputs.responses]
     assert [line["id"] for line in lines] == trainer.datamodule.test_dataset["id"][:16]
-    np.testing.assert_allclose([line["toxicity"] for line in lines], outputs.toxicity[:, 0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose([line["toxicity"] for line in lines], outputs.toxicity[:, 0], rtol=1e-6)
     np.testing.assert_allclose([line["judge_toxicity"] for line in lines], outputs.judge_toxicity[:, 0], rtol=1e-6)
-    assert len({line["summary"] for line in lines}) > 1
+    assert len({line["summary"] for line in lines}) > 1 and len({line["toxicity"] for line in lines}) > 1
 
 
 def test_predict_from_the_checkpoint_equals_predict_from_the_exported_adapter(tmp_path, caplog):
