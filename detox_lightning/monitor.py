@@ -417,7 +417,7 @@ class RolloutMonitor(Callback):
         for name, value in figures.items():
             label = {
                 "monitor/repeated_ngram_rate": f"repeated {self.repeat_n}-grams",
-                "monitor/response_len_clipped": f"length clipped at {self.length_clip}",
+                "monitor/response_len_clipped": f"length (clipped at {self.length_clip})",
             }.get(name, LABELS[name])
             first = self.first.get(name)
             was = f"{first:.3g} -> " if with_first and first is not None else ""
