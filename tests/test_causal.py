@@ -234,3 +234,71 @@ def test_causal_bad_input_is_one_error_line_and_writes_nothing(case, tmp_path, t
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, last
     assert not root.exists()
+
+
+CAUSAL_POLICY = ["--model.init_args.policy.model_name_or_path", "builtin:tiny-llama"]
+
+
+@pytest.mark.slow
+def test_causal_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_llama):
+    import signal
+
+    from test_checkpointing import train, write_config
+
+    config = write_config(tmp_path)
+    straight = train(config, tmp_path / "straight", *CAUSAL_POLICY)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = train(config, tmp_path / "killed", *CAUSAL_POLICY, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
+                   "--trainer.callbacks.iteration=4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = train(config, tmp_path / "killed", *CAUSAL_POLICY, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert got["ppo_state"]["iterations"] == 6 and got["state_dict"].keys() == expected["state_dict"].keys()
+    assert any("q_proj.lora_A" in k for k in got["state_dict"])  # the causal model's own LoRA
+    for name, tensor in expected["state_dict"].items():
+        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
+
+
+@pytest.mark.slow
+def test_two_rank_causal_fit_logs_global_statistics(tmp_path, tiny_llama, tiny_classifier, sample_data):
+    from test_ddp import fit_on_two_ranks, gloo_unavailable, write_config
+
+    reason = gloo_unavailable()
+    if reason:
+        pytest.skip(reason)
+    probe = tmp_path / "probe"
+    result = fit_on_two_ranks(write_config(tmp_path), tmp_path / "run", probe, *CAUSAL_POLICY)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert set(ranks[0]["queries"]).isdisjoint(ranks[1]["queries"])  # each rank its own prompts
+    for name in ("env/reward_mean", "objective/kl", "ppo/loss/total", "tokens/responses_len_mean"):
+        assert ranks[0]["logged"][-1][name] == pytest.approx(ranks[1]["logged"][-1][name], abs=1e-6), name
+    # global: the logged reward mean is the mean over both ranks' rollouts
+    scores = torch.cat([r["rollout_scores"][-1] for r in ranks])
+    assert ranks[0]["logged"][-1]["env/reward_mean"] == pytest.approx(float(scores.mean()), abs=1e-5)
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(ranks[1]["weights"][name], weight, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_causal_quick_start_detoxifies(tmp_path):
+    """The README's causal quick start: toxicity falls with a CI below 0 for the reward's classifier
+    and for the independent judge, and the exported adapters reload as causal LoRA."""
+    adapter = tmp_path / "sft_adapter"
+    sft = run_train("fit", "--config", "configs/tiny_causal_sft.yaml", "--trainer.default_root_dir", str(tmp_path / "sft"),
+                    "--model.init_args.adapter_dir", str(adapter))
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    detox = run_train("fit", "--config", "configs/tiny_causal_detox.yaml", "--trainer.default_root_dir",
+                      str(tmp_path / "detox"), "--model.init_args.policy.adapter_name_or_path", str(adapter))
+    assert detox.returncode == 0, detox.stderr[-3000:]
+    report_file = next((tmp_path / "detox").rglob("evaluation_report.json"))
+    report = json.loads(report_file.read_text())
+    before, after = report["before"], report["after"]
+    assert before["eval/toxicity_mean"] > 0.2  # the SFT model did pick up rudeness
+    assert after["eval/toxicity_delta_ci_high"] < 0, after
+    assert after["eval/judge_toxicity_delta_ci_high"] < 0, after
+    assert after["eval/rougeL_delta"] >= -0.05, after
+    assert json.loads((report_file.parent / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
