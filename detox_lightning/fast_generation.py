@@ -1,0 +1,105 @@
+"""Two exact ways to make sampling cheaper on CPU: the LoRA merged into its base weights for the
+rollout, and inverse-CDF sampling instead of `torch.multinomial`.
+
+Neither changes what is sampled from: merged weights compute the same logits up to float32
+rounding (log-probs of the sampled tokens within 1e-5 of the unmerged forward's, as the
+unmerged `generate`'s), and inverse-CDF sampling draws from the same softmax. They change the
+random stream, so a seeded run samples other (equally likely) responses than before.
+
+Measured on the benchmark's FLAN-T5-small shape, batch 16, 64 new tokens, one thread, CPU time of
+`generate` (2026-12-01, busy 2-core host, so ratios only): plain 4.4 s, merged 4.1 s, inverse
+CDF 3.8 s, both 3.7 s (-17%). `torch.multinomial` over 32,128 ids spends ~10 ms a step in
+`exponential_` (one random number per id); the inverse CDF needs one per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+@contextlib.contextmanager
+def merged_lora(peft_model: nn.Module) -> Iterator[int]:
+    """Run the active LoRA adapter merged into its float32 base weights inside this block.
+
+    Each targeted base weight W is replaced by a new tensor W + scaling * B @ A, and the very
+    same W is put back on exit (no subtraction, so the frozen weights come back bit for bit,
+    however often it is done). Inside, peft's layers skip their adapter branch. Costs one extra
+    copy of the targeted weights while inside (FLAN-T5-base, q and v: ~170 MB).
+
+    Nothing is merged (yields 0) when adapters are disabled (the reference as the bare base),
+    for non-float32 base weights (bf16 rounding would differ from the unmerged forward that
+    scores the update), or in training mode (the merged weights are not trained).
+
+    Yields:
+        how many layers were merged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    active = getattr(peft_model, "active_adapter", None)
+    layers = []
+    if not peft_model.training and isinstance(active, str):
+        for module in peft_model.modules():  # a layer's `disable_adapters` is set by peft's `disable_adapter()`
+            if isinstance(module, LoraLayer) and active in module.lora_A and not module.merged and not module.disable_adapters:
+                base = module.get_base_layer()
+                if isinstance(base, nn.Linear) and base.weight.dtype == torch.float32:
+                    layers.append((module, base))
+    saved = []
+    try:
+        with torch.no_grad():
+            for module, base in layers:
+                original = base.weight.data
+                saved.append((module, base, original))
+                base.weight.data = original + module.get_delta_weight(active).to(original.dtype)
+                module.merged_adapters.append(active)
+        yield len(layers)
+    finally:
+        for module, base, original in saved:
+            base.weight.data = original
+            module.merged_adapters.remove(active)
+
+
+class InverseCDFSampler(LogitsProcessor):
+    """A `LogitsProcessor` that samples one token per row from softmax(scores / temperature).
+
+    It leaves the drawn token at 0 and every other at -inf, so greedy decoding (`do_sample=False`)
+    picks it. Put it last: the processors before it (e.g. `min_length`'s EOS mask) shape what it
+    samples from, as they shape `torch.multinomial`'s. One uniform number per row (from torch's
+    global generator, so `torch.manual_seed` repeats a run).
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be positive")
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = (scores.float() / self.temperature).softmax(dim=-1)  # (B, V); -inf gives exactly 0
+        cdf = probs.cumsum(dim=-1)
+        u = torch.rand(scores.shape[0], 1, device=scores.device) * cdf[:, -1:]
+        # right=True: a u that lands exactly on a boundary goes to the next token, never to one of probability 0
+        token = torch.searchsorted(cdf, u, right=True).clamp_max(scores.shape[-1] - 1)
+        # float rounding can leave the clamp on a zero-probability tail: step back to the last possible token
+        last_possible = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+        token = torch.minimum(token, last_possible)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def inverse_cdf_kwargs(generation_kwargs: dict) -> dict:
+    """`generate` kwargs that sample with `InverseCDFSampler` instead of `torch.multinomial`.
+
+    Only for the full distribution (top_k 0, top_p 1, as PPO's settings require): the sampler
+    applies the temperature and nothing else.
+    """
+    kwargs = dict(generation_kwargs)
+    top_k, top_p = kwargs.pop("top_k", 0), kwargs.pop("top_p", 1.0)
+    if (top_k or 0) > 0 or (top_p is not None and top_p < 1.0):
+        raise ValueError(f"inverse-CDF sampling draws from the full distribution; got top_k={top_k}, top_p={top_p}")
+    temperature = kwargs.pop("temperature", 1.0) or 1.0
+    processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+    processors.append(InverseCDFSampler(temperature))
+    return kwargs | {"do_sample": False, "logits_processor": processors}
