@@ -147,11 +147,12 @@ def parser_error_line(err: ArgumentError) -> str:
     if unknown:
         where = f" under {key.group(1)!r}" if key else ""
         return f"unknown setting {unknown.group(1).strip()}{where}; see `python train.py fit --help`"
-    wrong_type = re.findall(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>\.\s*Got value: (\S+)', text)
+    wrong_type = re.findall(r'Parser key "([^"]+)":\s*Expected an? (.+?)\. Got value: (\S+)', text)
     if wrong_type:  # the innermost key, e.g. ppo.learning_rate under model.init_args
         name, expected, value = wrong_type[-1]
+        expected = re.sub(r"<class '(\w+)'>", r"\1", expected).replace("typing.Literal", "one of ")
         prefix = f"{key.group(1)}.init_args." if key and key.group(1) != name else ""
-        return f"{prefix}{name}={value!r} is not a valid {expected}"
+        return f"{prefix}{name}={value!r} is not " + (expected if expected.startswith("one of") else f"a valid {expected}")
     in_class = re.search(
         r"Problem with given class_path '([\w.]+)':\s*Parser key \"([^\"]+)\".*?Expected a <class '(\w+)'>.*?Given value: ([^\n]+)",
         text,
