@@ -469,19 +469,22 @@ def markdown_table(rows: list[dict]) -> str:
 
 def model_card(module: pl.LightningModule, report: dict) -> str:
     before, after = report["before"], report["after"]
+    auto_class = "AutoModelForSeq2SeqLM" if module.arch.is_encoder_decoder else "AutoModelForCausalLM"
+    with_value_head = module.policy.v_head is not None
     return (
         "# Detoxified summarisation adapter (detox_lightning)\n\n"
         f"- base model: `{module.policy_config.model_name_or_path}`\n"
         f"- starting adapter: `{module.policy_config.adapter_name_or_path}`\n"
         "- data: DialogSum-format dialogues, summarisation prompt\n"
-        f"- method: PPO with a KL penalty towards the starting policy; reward: {report['reward']}\n"
+        f"- method: {module.ppo.advantage_estimator.upper()} with a KL penalty towards the starting policy; "
+        f"reward: {report['reward']}\n"
         f"- evaluation ({report['num_prompts']} held-out prompts x {report['samples_per_prompt']}, seed {report['seed']}): "
         f"toxicity {before['eval/toxicity_mean']:.4f} -> {after['eval/toxicity_mean']:.4f}, "
         f"delta {after['eval/toxicity_delta']:+.4f} [95% CI {after['eval/toxicity_delta_ci_low']:+.4f}, "
         f"{after['eval/toxicity_delta_ci_high']:+.4f}]"
         + (f", ROUGE-L {before['eval/rougeL']:.4f} -> {after['eval/rougeL']:.4f}" if "eval/rougeL" in after else "")
-        + "\n\nLoad with `PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base), this_dir)`.\n"
-        "`value_head.safetensors` holds the PPO value head (not needed for generation).\n"
+        + f"\n\nLoad with `PeftModel.from_pretrained({auto_class}.from_pretrained(base), this_dir)`.\n"
+        + ("`value_head.safetensors` holds the PPO value head (not needed for generation).\n" if with_value_head else "")
     )
 
 
