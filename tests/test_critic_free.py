@@ -148,3 +148,32 @@ def test_two_rank_rloo_keeps_groups_on_their_rank_and_logs_global_statistics(tmp
     assert ranks[0]["logged"][-1]["env/group_reward_std"] == pytest.approx(float(stds.mean()), abs=1e-5)
     for name, weight in ranks[0]["weights"].items():  # one model on both ranks
         torch.testing.assert_close(ranks[1]["weights"][name], weight, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_quick_start_with_rloo_detoxifies_for_the_reward_and_the_judge(tmp_path):
+    """The quick start's PPO stage with RLOO (8 prompts x 2 samples: the same 16 responses an iteration)."""
+    import json
+
+    adapter = tmp_path / "sft_adapter"
+    run = [sys.executable, "train.py", "fit"]
+    sft = subprocess.run(
+        run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
+               str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    detox = subprocess.run(
+        run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
+               "--model.init_args.policy.adapter_name_or_path", str(adapter), "--data.batch_size", "8",
+               "--model.init_args.ppo.advantage_estimator", "rloo", *CRITIC_FREE,
+               "--model.init_args.ppo.normalize_advantages", "true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert detox.returncode == 0, detox.stderr[-3000:]
+    report = json.loads(next((tmp_path / "detox").rglob("evaluation_report.json")).read_text())
+    after = report["after"]
+    assert report["before"]["eval/toxicity_mean"] > 0.02
+    assert after["eval/toxicity_delta_ci_high"] < 0, after
+    assert after["eval/judge_toxicity_delta_ci_high"] < 0, after
+    assert after["eval/rougeL_delta"] >= -0.05, after
