@@ -42,11 +42,12 @@ def test_bench_tiny_prints_json_with_every_key(tmp_path):
     assert (result["estimator"], result["samples_per_prompt"], result["responses_per_iter"]) == ("gae", 1, 4)
 
 
-@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
-def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path, estimator):
+@pytest.mark.parametrize(("estimator", "generation"), [("rloo", "plain"), ("grpo", "fast")])
+def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path, estimator, generation):
     cmd = [
         sys.executable, "-m", "detox_lightning.bench", *TINY, "--estimator", estimator, "--samples-per-prompt", "2",
         "--batch-size", "2", "--skip-notebook", "--skip-eval", "--model-dir", str(tmp_path / "models"),
+        "--generation", generation,
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -54,7 +55,7 @@ def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path
     assert (result["estimator"], result["samples_per_prompt"], result["responses_per_iter"]) == (estimator, 2, 4)
     assert set(result["split"]) == {"ours", "floor"}  # the floor stays PPO, on the prompts repeated
     assert result["s_per_iter"] > 0 and result["peak_rss_mb"] > 0 and result["peak_rss_mb_floor"] > 0
-    assert result["reward_precision"] == "float32"
+    assert result["reward_precision"] == "float32" and result["generation"] == generation
     assert f"{estimator}, 2 prompts x 2" in res.stdout
 
 

@@ -27,7 +27,16 @@ from detox_lightning.bench.models import (
 )
 from detox_lightning.estimators import ESTIMATORS
 from detox_lightning.quantize import QUANTIZE_CHOICES
-from detox_lightning.bench.ways import WAYS, Clock, eval_batched, eval_notebook, mean_split, run_ours, run_way
+from detox_lightning.bench.ways import (
+    WAYS,
+    Clock,
+    eval_batched,
+    eval_notebook,
+    mean_split,
+    run_ours,
+    run_way,
+    use_fast_generation,
+)
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
 
@@ -73,7 +82,7 @@ def measure_memory(way: str, args) -> dict:
 
 FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
              "gradient_checkpointing", "new_tokens", "reward_batch_size", "reward_quantize", "estimator",
-             "samples_per_prompt", "eval_prompts", "eval_batch_size", "seed", "workdir")
+             "samples_per_prompt", "generation", "eval_prompts", "eval_batch_size", "seed", "workdir")
 
 
 def setup(args):
@@ -86,6 +95,8 @@ def setup(args):
         build_models(root, args.shape, args.reward_shape)
     quantize = "none" if args.worker == "notebook" else None  # the notebook scores in float32
     module = make_module(args, str(root / "policy"), str(root / "reward"), quantize).to(args.device)
+    if args.generation == "fast":
+        use_fast_generation(module)
     prompts = make_prompts(module.tokenizer, args.batch_size * (args.iters + 1), seed=args.seed)
     batches = [collate(module.tokenizer, prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
     return module, batches, prompts
@@ -178,7 +189,7 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
         "reward_batch_size": args.reward_batch_size, "reward_precision": precision["ours"],
-        "reward_precision_notebook": precision["notebook"], **ran,
+        "reward_precision_notebook": precision["notebook"], **ran, "generation": args.generation,
         "new_tokens": args.new_tokens, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
         "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
         "cpu": cpu_name(), "versions": versions(),
@@ -244,6 +255,9 @@ def parse_args(argv: list[str] | None):
                    help="texts per classifier forward, this module and the floor (the notebook's pipeline: 16)")
     p.add_argument("--reward-quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="HFClassifierReward(quantize=...) of this module and the floor; the notebook's stays float32")
+    p.add_argument("--generation", choices=("plain", "fast"), default="plain",
+                   help="fast: this module and the floor sample with the LoRA merged and by inverse CDF "
+                        "(detox_lightning.fast_generation; not yet in the module), the notebook as before")
     p.add_argument("--estimator", choices=ESTIMATORS, default="gae",
                    help="this module's advantage_estimator (the notebook and the floor are PPO)")
     p.add_argument("--samples-per-prompt", type=int, default=1,

@@ -22,6 +22,45 @@ from detox_lightning.bench.models import collate, repeat_rows
 WAYS = ("ours", "notebook", "floor")
 
 
+def use_fast_generation(module) -> None:
+    """`--generation fast`: this module samples with the LoRA merged and by inverse CDF (`fast_generation`).
+
+    Patched on the instance, as the main developer would wire it in `sample`/`generation_kwargs`;
+    the floor and the batched evaluation get the same (their generate goes through `merged`), the
+    notebook's loop keeps `plain_generation_kwargs`.
+    """
+    from detox_lightning.fast_generation import inverse_cdf_kwargs, merged_lora
+
+    plain_kwargs, plain_sample = module.generation_kwargs, module.sample
+    module.plain_generation_kwargs = plain_kwargs
+    module.generation_kwargs = lambda max_new_tokens: inverse_cdf_kwargs(plain_kwargs(max_new_tokens))
+
+    def sample(*args, **kwargs):
+        was_training = module.policy.training
+        module.policy.eval()  # merged_lora merges in eval mode only
+        try:
+            with merged_lora(module.policy.pretrained_model):
+                return plain_sample(*args, **kwargs)
+        finally:
+            module.policy.train(was_training)
+
+    module.sample = sample
+
+
+def merged(module):
+    """The merged-LoRA context under `--generation fast` (the policy in eval mode), else nothing."""
+    if not hasattr(module, "plain_generation_kwargs"):
+        return contextlib.nullcontext()
+    from detox_lightning.fast_generation import merged_lora
+
+    return merged_lora(module.policy.pretrained_model)
+
+
+def plain_generation_kwargs(module, max_new_tokens: int) -> dict:
+    """The notebook's sampling: `torch.multinomial`, whatever `--generation` says."""
+    return getattr(module, "plain_generation_kwargs", module.generation_kwargs)(max_new_tokens)
+
+
 class ValueHead(torch.nn.Module):
     """trl's value head (dropout, one Linear to a scalar), for the PPO ways when this module has none."""
 
@@ -158,7 +197,7 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
 
     policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
     start = policy.pretrained_model.config.decoder_start_token_id
-    gen_kwargs = module.generation_kwargs(args.new_tokens)
+    gen_kwargs = plain_generation_kwargs(module, args.new_tokens)
     queries = [q[m.bool()] for q, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
     # 1. one prompt at a time through generate
     with clock("generate"), torch.no_grad():
@@ -200,8 +239,9 @@ def floor_iteration(module, optimizer, batch: dict, args, clock: Clock) -> None:
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with clock("generate"), torch.no_grad():
         policy.eval()
-        out = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
-                              **module.generation_kwargs(args.new_tokens))
+        with merged(module):
+            out = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                  **module.generation_kwargs(args.new_tokens))
         responses = out[:, 1:]
     with clock("reward"):
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -234,8 +274,10 @@ def eval_batched(module, prompts: list[dict], args) -> float:
     for start in range(0, len(ordered), args.eval_batch_size):
         rows = ordered[start : start + args.eval_batch_size]
         batch = collate(tokenizer, rows)
-        out = policy.generate(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                              **module.generation_kwargs(args.new_tokens))
+        with merged(module):
+            out = policy.generate(input_ids=batch["input_ids"].to(device),
+                                  attention_mask=batch["attention_mask"].to(device),
+                                  **module.generation_kwargs(args.new_tokens))
         responses = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
         texts += [q + " " + r for q, r in zip(batch["query"], responses, strict=True)]
     module.reward.toxicity(texts).tolist()
@@ -251,7 +293,7 @@ def eval_notebook(module, reward, prompts: list[dict], args) -> float:
     t0 = clock.now()
     for p in prompts:
         out = policy.generate(input_ids=torch.tensor([p["input_ids"]], device=device),
-                              **module.generation_kwargs(args.new_tokens))
+                              **plain_generation_kwargs(module, args.new_tokens))
         response = tokenizer.decode(out[0, 1:], skip_special_tokens=True)
         reward.toxicity([p["query"] + " " + response]).tolist()
     return clock.now() - t0
