@@ -132,6 +132,7 @@ def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path):
     assert best["iteration"] in (4, 8, 12) and set(best["rejected"]) == {"4", "8", "12"} - {str(best["iteration"])}, best
     assert f"best adapter: iteration {best['iteration']} of 3 evaluated" in output
     log_dir = next((tmp_path / "detox").rglob("evaluation_report.json")).parent
-    reloaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(resolve("builtin:tiny-t5")), log_dir / "adapter_best")
+    assert (log_dir / "adapter_best" / "adapter_config.json").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(resolve("builtin:tiny-t5")), str(log_dir / "adapter_best"))
     assert any("lora_" in name for name, _ in reloaded.named_parameters())
     assert (log_dir / "toxicity_before_after.png").is_file()
