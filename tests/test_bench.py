@@ -110,3 +110,13 @@ def test_clock_charges_each_phase_its_own_peak():
     assert peak["outer"] < peak["big"]  # "small" was innermost while its tensor lived
     assert set(clock.totals) == {"big", "outer", "small"}
     assert clock.totals["outer"] >= clock.totals["small"]
+
+
+def test_bench_refuses_a_model_dir_built_for_another_shape(tmp_path):
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "config.json").write_text("{}")
+    (tmp_path / "bench_shapes.json").write_text(json.dumps({"shape": "small", "reward_shape": "base"}))
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--shape", "base", "--model-dir", str(tmp_path)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 1
+    assert "holds {'shape': 'small', 'reward_shape': 'base'} models, not {'shape': 'base'" in res.stderr

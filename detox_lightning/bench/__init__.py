@@ -1,6 +1,8 @@
 """Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor.
 
     python -m detox_lightning.bench                       # FLAN-T5-small shape, RoBERTa-base reward, CPU fp32
+    python -m detox_lightning.bench --reward-quantize int8 --generation fast   # the CPU levers (README)
+    python -m detox_lightning.bench --estimator rloo --batch-size 8 --samples-per-prompt 2 --skip-notebook
     python -m detox_lightning.bench --shape base --device cuda --dtype bf16
 
 Offline: the models have the real FLAN-T5 / RoBERTa shapes with random weights (see `models.py`);
@@ -8,7 +10,9 @@ the three ways and the evaluation are in `ways.py`; `driver.py` sets up, runs th
 
 Every way generates exactly `--new-tokens` tokens a response (EOS is masked until then by
 `min_length = new_tokens + 1`, and `max_new_tokens = new_tokens`), so all ways do the same work.
-Timings of the three ways come from one process; peak memory from one fresh subprocess per way.
+Timings of the three ways come from one process (wall and CPU seconds per phase; on a shared host
+compare CPU seconds at `--threads 1`); peak memory from one fresh subprocess per way. The
+notebook's loop always scores in float32 and samples with `torch.multinomial`, as the notebook.
 The last line printed is one JSON object.
 """
 

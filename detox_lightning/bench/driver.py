@@ -91,8 +91,13 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.model_dir)
+    marker, shapes = root / "bench_shapes.json", {"shape": args.shape, "reward_shape": args.reward_shape}
     if not (root / "reward" / "config.json").is_file():
         build_models(root, args.shape, args.reward_shape)
+        marker.write_text(json.dumps(shapes))
+    elif marker.is_file() and json.loads(marker.read_text()) != shapes:
+        sys.exit(f"error: --model-dir={args.model_dir} holds {json.loads(marker.read_text())} models, not {shapes}; "
+                 f"give each shape its own directory")
     quantize = "none" if args.worker == "notebook" else None  # the notebook scores in float32
     module = make_module(args, str(root / "policy"), str(root / "reward"), quantize).to(args.device)
     if args.generation == "fast":
@@ -213,6 +218,12 @@ def print_table(result: dict, splits: dict) -> None:
         rss = result.get("peak_rss_mb" if way == "ours" else f"peak_rss_mb_{way}")
         print(f"| {way} | {s['generate']:.2f} | {s['reward']:.2f} | {s['logprobs']:.2f} | {s['update']:.2f} "
               f"| {s['total']:.2f} | {s['cpu']:.1f} | {f(rss, '{:.0f}')} |")
+    print("\nthe same in CPU seconds of this process (steadier than wall time on a shared host):")
+    print("| way | generate | reward | old+ref logprobs, values | update | total |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for way, s in splits.items():
+        print(f"| {way} | {s['cpu_generate']:.2f} | {s['cpu_reward']:.2f} | {s['cpu_logprobs']:.2f} "
+              f"| {s['cpu_update']:.2f} | {s['cpu']:.2f} |")
     if phases := result.get("rss_phases_mb"):
         names = [n for n in ("setup", "generate", "reward", "logprobs", "update", "other")
                  if any(n in p for p in phases.values())]

@@ -75,6 +75,8 @@ class ValueHead(torch.nn.Module):
 class Clock:
     """Seconds per named phase, and optionally each phase's peak resident memory.
 
+    Also this process's CPU seconds per phase (`cpu_totals`): on a host shared with other jobs they
+    move far less than wall time, so they compare ways when wall time cannot.
     CUDA is synchronized at every boundary so GPU work is counted. With `memory=True` the kernel's
     high-water mark is read and reset at every boundary (Linux), so each stretch of time is
     charged to the innermost phase open during it ("other" outside every phase); a phase's peak is
@@ -84,8 +86,17 @@ class Clock:
     def __init__(self, device: torch.device, memory: bool = False) -> None:
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
+        self.cpu_totals: dict[str, float] = defaultdict(float)
         self.peak_mb: dict[str, float] | None = defaultdict(float) if memory and reset_peak() else None
-        self._open: list[tuple[str, float]] = []
+        self._open: list[tuple[str, float, float]] = []
+
+    def clear(self) -> None:
+        self.totals.clear()
+        self.cpu_totals.clear()
+
+    def split(self) -> dict[str, float]:
+        """Wall seconds per phase, and CPU seconds as `cpu_<phase>`."""
+        return dict(self.totals) | {f"cpu_{k}": v for k, v in self.cpu_totals.items()}
 
     def now(self) -> float:
         if self.cuda:
@@ -101,12 +112,13 @@ class Clock:
 
     def start(self, name: str) -> None:
         self.boundary()
-        self._open.append((name, self.now()))
+        self._open.append((name, self.now(), time.process_time()))
 
     def stop(self) -> None:
         self.boundary()
-        name, t0 = self._open.pop()
+        name, t0, c0 = self._open.pop()
         self.totals[name] += self.now() - t0
+        self.cpu_totals[name] += time.process_time() - c0
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -143,13 +155,14 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            clock.totals.clear()
+            clock.clear()
             self.t0, self.cpu0 = clock.now(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            t = dict(clock.totals)
+            t = clock.split()
             t["total"], t["cpu"] = clock.now() - self.t0, time.process_time() - self.cpu0
-            t["logprobs"] = t["experience"] - t["generate"] - t["reward"]
+            for prefix in ("", "cpu_"):
+                t[prefix + "logprobs"] = t[prefix + "experience"] - t[prefix + "generate"] - t[prefix + "reward"]
             per_iter.append(t)
 
     trainer = pl.Trainer(
@@ -322,17 +335,18 @@ def run_way(
         ref_model = copy.deepcopy(module.policy).eval().requires_grad_(False) if way == "notebook" else None
     per_iter = []
     for batch in batches:
-        clock.totals.clear()
+        clock.clear()
         t0, cpu0 = clock.now(), time.process_time()
         if way == "notebook":
             notebook_iteration(module, reward or module.reward, ref_model, optimizer, batch, args, clock)
         else:
             floor_iteration(module, optimizer, batch, args, clock)
-        per_iter.append(dict(clock.totals) | {"total": clock.now() - t0, "cpu": time.process_time() - cpu0})
+        per_iter.append(clock.split() | {"total": clock.now() - t0, "cpu": time.process_time() - cpu0})
     return per_iter
 
 
 def mean_split(per_iter: list[dict[str, float]]) -> dict[str, float]:
     timed = per_iter[1:] or per_iter  # drop the warm-up
-    keys = ("generate", "reward", "logprobs", "update", "total", "cpu")  # cpu: this process's CPU seconds
+    phases = ("generate", "reward", "logprobs", "update")
+    keys = (*phases, "total", "cpu", *(f"cpu_{k}" for k in phases))  # cpu: this process's CPU seconds
     return {k: sum(t.get(k, 0.0) for t in timed) / len(timed) for k in keys}
