@@ -109,10 +109,11 @@ class HFClassifierReward(RewardModel):
         quantize: `int8`: on CPU, the Linear layers of the classifier's body run in int8 with
             dynamically quantized inputs (`detox_lightning.quantize`), from the first scoring on;
             the classification head stays float32. About 2-3x faster on CPU; an approximation of
-            the reward, so opt-in: on a random-weight RoBERTa-base the largest logit change was
-            0.021, a rank correlation with float32 of 0.84 where all its scores lie within 0.05 of
-            each other. On a CUDA device it is ignored with a warning (scored as loaded). `none`:
-            as loaded. `precision` says which one scores.
+            the reward, so opt-in: on a random-weight RoBERTa-base, whose scores of different
+            texts all lie within ~0.07, it moved each by up to 0.024, for a rank correlation with
+            float32 of 0.68-0.84 (two draws of weights and texts); on the builtin classifier's 800
+            sample texts, 0.99999 with no toxicity verdict flipped. On a CUDA device it is ignored
+            with a warning (scored as loaded). `none`: as loaded. `precision` says which one scores.
     """
 
     def __init__(

@@ -91,9 +91,11 @@ def test_rank_correlation_matches_its_definition():
 def test_int8_on_a_random_weight_roberta_base_moves_logits_little_but_ranks_loosely(tmp_path):
     """Why int8 stays opt-in: RoBERTa-base's shape, random weights (the benchmark's reward).
 
-    Its scores of different texts lie within ~0.05 of each other (a random deep encoder maps every
-    text to nearly the same vector), and int8 moves each by up to ~0.02, so the rank correlation
-    with float32 is ~0.84 (measured), below the 0.99 that would make int8 a faithful default.
+    Its scores of different texts lie within ~0.07 of each other (a random deep encoder maps every
+    text to nearly the same vector), and int8 moves each by up to ~0.024, so the rank correlation
+    with float32 is 0.68 here (0.84 on another draw), below the 0.99 that would make int8 a
+    faithful default. (Quantizing the head too, on the builtin classifier, drops it to 0.66: the
+    first test's bound catches that.)
     """
     from detox_lightning import sample_data as sample
     from detox_lightning.bench.models import build_reward
@@ -106,4 +108,4 @@ def test_int8_on_a_random_weight_roberta_base_moves_logits_little_but_ranks_loos
     a, b = exact.score(texts), int8.score(texts)
     assert 0 < float((a - b).abs().max()) <= 0.05
     assert float(a.max() - a.min()) < 0.1
-    assert rank_correlation(a, b) >= 0.6
+    assert rank_correlation(a, b) >= 0.5  # 0.68 measured; int8 kernels may round otherwise on another CPU
