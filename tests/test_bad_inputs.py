@@ -57,7 +57,7 @@ BAD_INPUTS = {
     "unreadable data file": (["--data.path", "{broken}"], "broken.jsonl' could not be read as a dataset"),
     "policy path that is no model": (
         ["--model.init_args.policy.model_name_or_path", "{tmp}"],
-        "could not be loaded as a seq2seq language model with its tokenizer",
+        "could not be loaded (expected a hub id, a local model directory or a builtin: name)",
     ),
     "adapter path that is no adapter": (
         ["--model.init_args.policy.adapter_name_or_path", "{tmp}"],
