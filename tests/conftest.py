@@ -35,23 +35,28 @@ def sample_data(tiny_cache):
     return resolve("builtin:sample-dialogsum")
 
 
-@pytest.fixture(scope="session")
-def perturbed_adapter(tiny_t5, tmp_path_factory):
-    """A LoRA adapter far from zero, so that policy != bare base model from the first step."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSeq2SeqLM
+def save_perturbed_adapter(base_path, targets, directory):
+    """A LoRA adapter (r 4) whose B matrices are far from zero, so policy != bare base from the first step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
 
-    base = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type=TaskType.SEQ_2_SEQ_LM)
-    model = get_peft_model(base, lora)
+    from detox_lightning.architectures import architecture_of
+
+    arch = architecture_of(AutoConfig.from_pretrained(base_path))
+    base = arch.auto_model_class().from_pretrained(base_path)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type=arch.task_type))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.5)
-    path = tmp_path_factory.mktemp("adapter")
-    model.save_pretrained(path)
-    return str(path)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def perturbed_adapter(tiny_t5, tmp_path_factory):
+    return save_perturbed_adapter(tiny_t5, ["q", "v"], tmp_path_factory.mktemp("adapter"))
 
 
 @pytest.fixture(scope="session")
@@ -63,18 +68,4 @@ def tiny_llama(tiny_cache):
 
 @pytest.fixture(scope="session")
 def perturbed_causal_adapter(tiny_llama, tmp_path_factory):
-    """A LoRA adapter of the tiny causal LM far from zero, so that policy != bare base model."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM)
-    model = get_peft_model(base, lora)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
-    path = tmp_path_factory.mktemp("causal_adapter")
-    model.save_pretrained(path)
-    return str(path)
+    return save_perturbed_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path_factory.mktemp("causal_adapter"))

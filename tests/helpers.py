@@ -28,3 +28,14 @@ def write_jsonl(path, rows):
     """`rows` as a JSON-lines file at `path`; returns the path as a string."""
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def tensorboard_scalars(root):
+    """{tag: [values]} of the first TensorBoard event file under `root`."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(Path(root).rglob("events.out.tfevents.*"))))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tensorboard_scalars
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from detox_lightning.architectures import CAUSAL
@@ -92,11 +93,7 @@ def run_train(*args):
 
 
 def scalars(root):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(next(Path(root).rglob("events.out.tfevents.*"))))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return tensorboard_scalars(root)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from helpers import fit
+from helpers import fit, tensorboard_scalars
 
 from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule, PPOSettings
 
@@ -74,11 +74,7 @@ def test_grpo_without_beta_skips_the_reference(tiny_t5, tiny_classifier, sample_
 
 
 def scalars(root):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(next(Path(root).rglob("events.out.tfevents.*"))))
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return tensorboard_scalars(root)
 
 
 @pytest.mark.slow
