@@ -87,9 +87,9 @@ def test_causal_policy_lora_is_peft_default_and_trains_only_policy_and_value_hea
     assert trainable and all(("lora_" in n and ".policy." in n) or n.startswith("v_head.") for n in trainable)
 
 
-def run_train(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          check=False)
+def run_train(*args, timeout=900):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)
 
 
 def scalars(root):
@@ -286,10 +286,10 @@ def test_causal_quick_start_detoxifies(tmp_path):
     and for the independent judge, and the exported adapters reload as causal LoRA."""
     adapter = tmp_path / "sft_adapter"
     sft = run_train("fit", "--config", "configs/tiny_causal_sft.yaml", "--trainer.default_root_dir", str(tmp_path / "sft"),
-                    "--model.init_args.adapter_dir", str(adapter))
+                    "--model.init_args.adapter_dir", str(adapter), timeout=2400)  # ~2.5 min alone; slower on a shared host
     assert sft.returncode == 0, sft.stderr[-3000:]
     detox = run_train("fit", "--config", "configs/tiny_causal_detox.yaml", "--trainer.default_root_dir",
-                      str(tmp_path / "detox"), "--model.init_args.policy.adapter_name_or_path", str(adapter))
+                      str(tmp_path / "detox"), "--model.init_args.policy.adapter_name_or_path", str(adapter), timeout=2400)
     assert detox.returncode == 0, detox.stderr[-3000:]
     report_file = next((tmp_path / "detox").rglob("evaluation_report.json"))
     report = json.loads(report_file.read_text())

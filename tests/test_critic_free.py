@@ -156,7 +156,7 @@ def test_quick_start_with_rloo_detoxifies_for_the_reward_and_the_judge(tmp_path)
     sft = subprocess.run(
         run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
                str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=2400, check=False,
     )
     assert sft.returncode == 0, sft.stderr[-3000:]
     detox = subprocess.run(
@@ -164,7 +164,7 @@ def test_quick_start_with_rloo_detoxifies_for_the_reward_and_the_judge(tmp_path)
                "--model.init_args.policy.adapter_name_or_path", str(adapter), "--data.batch_size", "8",
                "--model.init_args.ppo.advantage_estimator", "rloo", *CRITIC_FREE,
                "--model.init_args.ppo.normalize_advantages", "true"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=2400, check=False,
     )
     assert detox.returncode == 0, detox.stderr[-3000:]
     report = json.loads(next((tmp_path / "detox").rglob("evaluation_report.json")).read_text())
