@@ -109,3 +109,34 @@ def test_int8_on_a_random_weight_roberta_base_moves_logits_little_but_ranks_loos
     assert 0 < float((a - b).abs().max()) <= 0.05
     assert float(a.max() - a.min()) < 0.1
     assert rank_correlation(a, b) >= 0.5  # 0.68 measured; int8 kernels may round otherwise on another CPU
+
+
+@pytest.mark.slow
+def test_quick_start_with_the_int8_reward_keeps_its_verdict(tmp_path):
+    """The README's quick start (shorter SFT, as tests/test_sft_quickstart.py) with the reward in int8:
+    toxicity still falls with a 95% CI wholly below 0, under the reward's classifier and the judge."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    adapter = tmp_path / "sft_adapter"
+    run = [sys.executable, "train.py", "fit"]
+    sft = subprocess.run(
+        run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
+               str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
+        cwd=root, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    detox = subprocess.run(
+        run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
+               "--model.init_args.policy.adapter_name_or_path", str(adapter),
+               "--model.init_args.reward.init_args.quantize", "int8"],
+        cwd=root, capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert detox.returncode == 0, detox.stderr[-3000:]
+    report = json.loads(next((tmp_path / "detox").rglob("evaluation_report.json")).read_text())
+    before, after = report["before"], report["after"]
+    assert before["eval/toxicity_mean"] > 0.02
+    assert after["eval/toxicity_delta_ci_high"] < 0, after
+    assert after["eval/judge_toxicity_delta_ci_high"] < 0, after
