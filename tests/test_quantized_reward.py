@@ -125,14 +125,14 @@ def test_quick_start_with_the_int8_reward_keeps_its_verdict(tmp_path):
     sft = subprocess.run(
         run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
                str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
-        cwd=root, capture_output=True, text=True, timeout=1200, check=False,
+        cwd=root, capture_output=True, text=True, timeout=2400, check=False,
     )
     assert sft.returncode == 0, sft.stderr[-3000:]
     detox = subprocess.run(
         run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
                "--model.init_args.policy.adapter_name_or_path", str(adapter),
                "--model.init_args.reward.init_args.quantize", "int8"],
-        cwd=root, capture_output=True, text=True, timeout=1200, check=False,
+        cwd=root, capture_output=True, text=True, timeout=2400, check=False,
     )
     assert detox.returncode == 0, detox.stderr[-3000:]
     report = json.loads(next((tmp_path / "detox").rglob("evaluation_report.json")).read_text())
