@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,10 @@ MIN_RANK_CORRELATION = 0.99
 
 
 def sample_texts(sample_data: str) -> dict[str, list[str]]:
-    rows = [json.loads(line) for split in ("train", "validation", "test") for line in open(f"{sample_data}/{split}.jsonl")]
+    rows = [
+        json.loads(line) for split in ("train", "validation", "test")
+        for line in Path(f"{sample_data}/{split}.jsonl").read_text().splitlines()
+    ]
     return {
         "query_response": [NOTEBOOK_PROMPT.format(dialogue=r["dialogue"]) + r["summary"] for r in rows],
         "response": [r["summary"] for r in rows],
@@ -117,7 +121,6 @@ def test_quick_start_with_the_int8_reward_keeps_its_verdict(tmp_path):
     toxicity still falls with a 95% CI wholly below 0, under the reward's classifier and the judge."""
     import subprocess
     import sys
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     adapter = tmp_path / "sft_adapter"

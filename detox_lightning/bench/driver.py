@@ -25,8 +25,6 @@ from detox_lightning.bench.models import (
     make_prompts,
     make_reward,
 )
-from detox_lightning.estimators import ESTIMATORS
-from detox_lightning.quantize import QUANTIZE_CHOICES
 from detox_lightning.bench.ways import (
     WAYS,
     Clock,
@@ -37,6 +35,8 @@ from detox_lightning.bench.ways import (
     run_way,
     use_fast_generation,
 )
+from detox_lightning.estimators import ESTIMATORS
+from detox_lightning.quantize import QUANTIZE_CHOICES
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
 
