@@ -238,24 +238,10 @@ CAUSAL_POLICY = ["--model.init_args.policy.model_name_or_path", "builtin:tiny-ll
 
 @pytest.mark.slow
 def test_causal_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_llama):
-    import signal
+    from test_checkpointing import killed_and_resumed_vs_straight
 
-    from test_checkpointing import train, write_config
-
-    config = write_config(tmp_path)
-    straight = train(config, tmp_path / "straight", *CAUSAL_POLICY)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = train(config, tmp_path / "killed", *CAUSAL_POLICY, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
-                   "--trainer.callbacks.iteration=4")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = train(config, tmp_path / "killed", *CAUSAL_POLICY, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
-    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
-    assert got["ppo_state"]["iterations"] == 6 and got["state_dict"].keys() == expected["state_dict"].keys()
+    got = killed_and_resumed_vs_straight(tmp_path, *CAUSAL_POLICY)
     assert any("q_proj.lora_A" in k for k in got["state_dict"])  # the causal model's own LoRA
-    for name, tensor in expected["state_dict"].items():
-        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
 
 
 @pytest.mark.slow

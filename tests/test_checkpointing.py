@@ -359,3 +359,22 @@ def test_sigkill_while_saving_leaves_the_previous_last_checkpoint_loadable(tmp_p
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert last["ppo_state"]["iterations"] == 1 and "zz_kill_while_pickling" not in last
     assert [p.name for p in checkpoints.iterdir() if p.name != "last.ckpt" and not p.name.endswith(".tmp")] == []
+
+
+def killed_and_resumed_vs_straight(tmp_path, *args):
+    """Run 6 iterations straight and killed after 4 then resumed, both with `args`; assert the resumed
+    run ends with the straight run's trainable tensors (< 1e-6). Returns the resumed checkpoint."""
+    config = write_config(tmp_path)
+    straight = train(config, tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = train(config, tmp_path / "killed", *args, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
+                   "--trainer.callbacks.iteration=4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = train(config, tmp_path / "killed", *args, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
+    assert got["ppo_state"]["iterations"] == 6 and got["state_dict"].keys() == expected["state_dict"].keys()
+    for name, tensor in expected["state_dict"].items():
+        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
+    return got

@@ -1,6 +1,5 @@
 """rloo and grpo in the module: no value head anywhere, the real CLI, exact resume, two ranks."""
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,23 +99,10 @@ def test_cli_critic_free_fit_logs_kl_and_reward_with_zero_first_kl(tmp_path, per
 
 @pytest.mark.slow
 def test_rloo_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    from test_checkpointing import train, write_config
+    from test_checkpointing import killed_and_resumed_vs_straight
 
-    config = write_config(tmp_path)
-    rloo = ["--model.init_args.ppo.advantage_estimator", "rloo", *CRITIC_FREE]
-    straight = train(config, tmp_path / "straight", *rloo)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = train(config, tmp_path / "killed", *rloo, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
-                   "--trainer.callbacks.iteration=4")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = train(config, tmp_path / "killed", *rloo, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
-    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
-    assert got["ppo_state"]["iterations"] == 6 and got["state_dict"].keys() == expected["state_dict"].keys()
+    got = killed_and_resumed_vs_straight(tmp_path, "--model.init_args.ppo.advantage_estimator", "rloo", *CRITIC_FREE)
     assert not any("v_head" in k for k in got["state_dict"])
-    for name, tensor in expected["state_dict"].items():
-        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
 
 
 @pytest.mark.slow
