@@ -21,7 +21,7 @@ from detox_lightning.architectures import architecture_of
 from detox_lightning.checkpointing import TrainableStateMixin
 from detox_lightning.distributed import DataParallelMixin
 from detox_lightning.guards import SkipCounter, nonfinite_parts
-from detox_lightning.policy import PolicyConfig, build_policy, enable_gradient_checkpointing, reference_mode
+from detox_lightning.policy import PolicyConfig, base_dtype, build_policy, enable_gradient_checkpointing, reference_mode
 from detox_lightning.resumable import ResumableRLMixin
 from detox_lightning.rewards import RewardModel
 from detox_lightning.rollout import (
@@ -65,7 +65,7 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
         # generate's logits round as the teacher-forced forward only in float32 (PPOSettings docs)
         self.logprobs_from_generate = (
-            policy.dtype == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
+            base_dtype(policy.dtype) == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
         )
         if ppo.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, zero_dropout=ppo.disable_dropout)
@@ -154,12 +154,14 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         raw_scores = self.reward(queries, responses).to(self.device, torch.float32)
         scores = self.shape_scores(raw_scores, ids)
 
-        # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference
+        # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference,
+        # in the first update epoch's micro-batches: its first forward repeats these bit for bit
         self.policy.eval()
+        first_epoch = self.update_batches(input_ids.shape[0])
         token_scores = score_rollout(
-            self.policy, self.arch, samples, input_ids, attention_mask, self.generation.temperature, ppo.mini_batch_size,
-            partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
-            with_reference=ppo.needs_reference,
+            self.policy, self.arch, samples, input_ids, attention_mask, self.generation.temperature,
+            [micro for mini in first_epoch for micro in mini], partial(reference_mode, self.policy),
+            with_full_kl=ppo.kl_penalty == "full", with_reference=ppo.needs_reference,
         )
         del samples  # with its (B, T, V) step logits
         fmask = mask.float()
@@ -209,9 +211,16 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
             mask=fmask,
             logprobs=logprobs,
             advantages=advantages,
+            first_epoch=first_epoch,
             **extra,
         )
         return experience, stats
+
+    def update_batches(self, rows: int) -> list[list[torch.Tensor]]:
+        """One epoch of shuffled mini-batches, each split into its gradient-accumulation micro-batches."""
+        ppo = self.ppo
+        micro_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
+        return [mini.split(micro_size) for mini in torch.randperm(rows, device=self.device).split(ppo.mini_batch_size)]
 
     def rollout_stats(self, token_scores, kl_sum, raw_scores, scores, fmask, attention_mask, advantages, extra) -> dict:
         """trl-named statistics of the global batch (every rank's rows), the same on every rank."""
@@ -267,14 +276,14 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         ppo = self.ppo
         optimizer = self.optimizers()
         self.update_mode()
-        micro_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
         stats = defaultdict(list)
-        for _ in range(ppo.ppo_epochs):
-            for mb_idx in torch.randperm(exp.mask.shape[0], device=self.device).split(ppo.mini_batch_size):
+        for epoch in range(ppo.ppo_epochs):
+            # the first epoch in the micro-batches the rollout was scored in: ratio exactly 1 before any step
+            mini_batches = exp.first_epoch if epoch == 0 and exp.first_epoch else self.update_batches(exp.mask.shape[0])
+            for micro_batches in mini_batches:
                 mb_tokens = None
                 if self.dapo:  # normalised by the mini-batch's tokens on every rank, per rank
-                    mb_tokens = float(self.all_reduce_sum(exp.mask[mb_idx].sum())) / self.world_size
-                micro_batches = mb_idx.split(micro_size)
+                    mb_tokens = float(self.all_reduce_sum(exp.mask[torch.cat(micro_batches)].sum())) / self.world_size
                 for i, micro_idx in enumerate(micro_batches):
                     mb = exp.select(micro_idx)
                     _, mb_logprobs, mb_vpred = logprobs_and_values(

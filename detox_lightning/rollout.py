@@ -8,7 +8,7 @@ teacher-forced pass is fed come from the policy's `Architecture` (architectures.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -59,13 +59,18 @@ class Experience:
     returns: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     padding_side: PaddingSide = "right"  # of the prompts: the policy's architecture's
+    # the first update epoch's mini-batches, each a list of micro-batch row indices; the rollout
+    # was scored in exactly these micro-batches (see `score_rollout`)
+    first_epoch: list[list[torch.Tensor]] | None = None
 
     def select(self, idx: torch.Tensor) -> Experience:
         """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
         prompt_len = int(self.attention_mask[idx].sum(dim=1).max())
         response_len = int(self.mask[idx].sum(dim=1).max())
-        fields = {}
+        fields = {"first_epoch": None}
         for name, value in vars(self).items():
+            if name == "first_epoch":
+                continue
             if isinstance(value, torch.Tensor):
                 value = value[idx]
                 if name in ("input_ids", "attention_mask"):  # prompt padding sits on `padding_side`
@@ -187,15 +192,19 @@ def score_rollout(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     temperature: float,
-    chunk_size: int,
+    chunks: int | Sequence[torch.Tensor],
     reference_mode: Callable[[], AbstractContextManager],
     with_full_kl: bool = False,
     with_reference: bool = True,
 ) -> RolloutScores:
-    """Policy and reference figures of `samples`, `chunk_size` rows at a time.
+    """Policy and reference figures of `samples`, one chunk of rows at a time.
 
-    Rows are taken in order of length so that each chunk holds rows of similar length, and each
-    chunk is trimmed to its own longest prompt and response; only one chunk's (b, t, V)
+    `chunks` is either the row groups to use (together every row once) or a chunk size; with a
+    size, rows are taken in order of length so that each chunk holds rows of similar length. Each
+    chunk is trimmed to its own longest prompt and response, as `Experience.select` trims a
+    micro-batch, so a chunk equal to an update micro-batch gives that micro-batch's first forward
+    bit for bit (the PPO module relies on it: ratio 1 at the first step in bfloat16 too, where
+    kernels round differently for other shapes). Only one chunk's (b, t, V)
     policy and reference logits are alive at once (the whole batch's would be B / b times larger:
     ~0.8 GB for FLAN-T5 at batch 16 x 400 tokens). The policy's figures come from generation when
     `samples` kept its logits, else from a forward pass. `reference_mode()` is the context that
@@ -204,8 +213,9 @@ def score_rollout(
     """
     length = samples.response_ids.shape[1]
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
-    order = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True)
-    for rows in order.split(chunk_size):
+    if isinstance(chunks, int):
+        chunks = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True).split(chunks)
+    for rows in chunks:
         width = int(attention_mask[rows].sum(dim=1).max())
         t = int(samples.mask[rows].sum(dim=1).max())
         prompt = arch.trim_prompt(input_ids[rows], attention_mask[rows], width)
@@ -230,7 +240,7 @@ def score_rollout(
         del logits
         for name, value in chunk.items():
             parts[name].append(F.pad(value * mask, (0, length - t)))  # back to the batch's length
-    unsort = order.argsort()
+    unsort = torch.cat(list(chunks)).argsort()
     return RolloutScores(**{name: torch.cat(chunks)[unsort] for name, chunks in parts.items()})
 
 
