@@ -112,6 +112,22 @@ def test_bad_settings_are_named(tiny_t5, tiny_classifier, kwargs, message):
         make_module(tiny_t5, tiny_classifier, batch_size=batch_size, **kwargs)
 
 
+def test_auto_dtype_is_bfloat16_with_a_cuda_gpu_and_float32_on_a_cpu(tiny_t5, tiny_classifier, monkeypatch):
+    """`policy.dtype: auto` (the default, flan_t5_base.yaml's): bf16 base weights only where CUDA is
+    visible, and then log-probs from a forward pass (generate's bf16 logits would not be exact)."""
+    from detox_lightning.policy import base_dtype
+
+    assert PolicyConfig().dtype == "auto"
+    module = make_module(tiny_t5, tiny_classifier)
+    assert module.policy.pretrained_model.get_input_embeddings().weight.dtype == torch.float32
+    assert module.logprobs_from_generate
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert base_dtype("auto") == "bfloat16" and base_dtype("float32") == "float32"
+    module = make_module(tiny_t5, tiny_classifier)  # built on the CPU still; only the choice is under test
+    assert module.policy.pretrained_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not module.logprobs_from_generate
+
+
 def test_bfloat16_base_trains_float32_adapter(tiny_t5, tiny_classifier, sample_data, tmp_path):
     """`policy.dtype: bfloat16` (flan_t5_base.yaml's setting) end to end: the bf16 base stays frozen,
     the float32 LoRA and value head learn, and every statistic is finite."""
