@@ -28,6 +28,7 @@ from detox_lightning.checkpointing import ppo_iterations
 from detox_lightning.errors import ConfigError
 from detox_lightning.metrics import Rouge, improvement_pct, paired_bootstrap_ci, summarize
 from detox_lightning.policy import save_adapter
+from detox_lightning.quantize import describe_precision
 from detox_lightning.rewards import RewardModel, RewardText
 
 TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
@@ -401,6 +402,9 @@ class ToxicityEvaluation(Callback):
             "policy": asdict(module.policy_config),
             "reward": type(module.reward).__name__,
             "judge": type(self.judge).__name__ if self.judge is not None else None,
+            # the arithmetic each classifier that judged scored with (e.g. float32, int8-dynamic)
+            "reward_precision": describe_precision(module.reward),
+            "judge_precision": describe_precision(self.judge),
             "config": config_file.read_text() if config_file.is_file() else None,
             "versions": {
                 "python": platform.python_version(),
@@ -477,7 +481,7 @@ def model_card(module: pl.LightningModule, report: dict) -> str:
         f"- starting adapter: `{module.policy_config.adapter_name_or_path}`\n"
         "- data: DialogSum-format dialogues, summarisation prompt\n"
         f"- method: {module.ppo.advantage_estimator.upper()} with a KL penalty towards the starting policy; "
-        f"reward: {report['reward']}\n"
+        f"reward: {report['reward']} ({report['reward_precision']})\n"
         f"- evaluation ({report['num_prompts']} held-out prompts x {report['samples_per_prompt']}, seed {report['seed']}): "
         f"toxicity {before['eval/toxicity_mean']:.4f} -> {after['eval/toxicity_mean']:.4f}, "
         f"delta {after['eval/toxicity_delta']:+.4f} [95% CI {after['eval/toxicity_delta_ci_low']:+.4f}, "

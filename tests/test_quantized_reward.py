@@ -140,6 +140,7 @@ def test_quick_start_with_the_int8_reward_keeps_its_verdict(tmp_path):
     assert detox.returncode == 0, detox.stderr[-3000:]
     report = json.loads(next((tmp_path / "detox").rglob("evaluation_report.json")).read_text())
     before, after = report["before"], report["after"]
+    assert report["reward_precision"] == "int8-dynamic"  # the report says which arithmetic judged
     assert before["eval/toxicity_mean"] > 0.02
     assert after["eval/toxicity_delta_ci_high"] < 0, after
     assert after["eval/judge_toxicity_delta_ci_high"] < 0, after
