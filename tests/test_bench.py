@@ -59,6 +59,25 @@ def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path
     assert f"{estimator}, 2 prompts x 2" in res.stdout
 
 
+def test_bench_tiny_causal_policy_runs_every_way_on_a_llama_shape(tmp_path):
+    cmd = [
+        sys.executable, "-m", "detox_lightning.bench", *TINY, "--policy", "causal", "--batch-size", "4",
+        "--skip-memory", "--eval-prompts", "4", "--eval-batch-size", "2", "--model-dir", str(tmp_path / "models"),
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (result["policy"], result["new_tokens"]) == ("causal", 4)
+    assert set(result["split"]) == {"ours", "notebook", "floor"}
+    assert result["speedup"] > 0 and result["eval_prompts_per_s"] > 0
+    config = json.loads((tmp_path / "models" / "policy" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 32128
+    # a seq2seq run refuses the causal models rather than timing the wrong architecture
+    res = subprocess.run(cmd[:cmd.index("--policy")] + cmd[cmd.index("--policy") + 2:], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode != 0 and "error: --model-dir" in res.stderr
+
+
 def test_bench_names_every_bad_flag():
     cmd = [sys.executable, "-m", "detox_lightning.bench", "--batch-size", "6", "--mini-batch-size", "4", "--iters", "0",
            "--grad-accum", "3"]

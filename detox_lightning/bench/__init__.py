@@ -4,8 +4,10 @@
     python -m detox_lightning.bench --reward-quantize int8 --generation fast   # the CPU levers (README)
     python -m detox_lightning.bench --estimator rloo --batch-size 8 --samples-per-prompt 2 --skip-notebook
     python -m detox_lightning.bench --shape base --device cuda --dtype bf16
+    python -m detox_lightning.bench --policy causal --model-dir /tmp/bm_causal   # a Llama shape of FLAN-T5-small's size
 
-Offline: the models have the real FLAN-T5 / RoBERTa shapes with random weights (see `models.py`);
+Offline: the models have the real FLAN-T5 / RoBERTa shapes (or a Llama shape of the same size
+and vocabulary, `--policy causal`) with random weights (see `models.py`);
 the three ways and the evaluation are in `ways.py`; `driver.py` sets up, runs them and reports.
 
 Every way generates exactly `--new-tokens` tokens a response (EOS is masked until then by

@@ -17,6 +17,7 @@ import torch
 from detox_lightning.bench.memory import rss_mb
 from detox_lightning.bench.models import (
     DTYPES,
+    POLICIES,
     REWARD_SHAPES,
     SHAPES,
     build_models,
@@ -80,7 +81,7 @@ def measure_memory(way: str, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-FORWARDED = ("shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
+FORWARDED = ("policy", "shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
              "gradient_checkpointing", "new_tokens", "reward_batch_size", "reward_quantize", "estimator",
              "samples_per_prompt", "generation", "eval_prompts", "eval_batch_size", "seed", "workdir")
 
@@ -91,9 +92,10 @@ def setup(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     root = Path(args.model_dir)
-    marker, shapes = root / "bench_shapes.json", {"shape": args.shape, "reward_shape": args.reward_shape}
+    marker = root / "bench_shapes.json"
+    shapes = {"shape": args.shape, "reward_shape": args.reward_shape} | ({"policy": "causal"} if args.policy == "causal" else {})
     if not (root / "reward" / "config.json").is_file():
-        build_models(root, args.shape, args.reward_shape)
+        build_models(root, args.shape, args.reward_shape, args.policy)
         marker.write_text(json.dumps(shapes))
     elif marker.is_file() and json.loads(marker.read_text()) != shapes:
         sys.exit(f"error: --model-dir={args.model_dir} holds {json.loads(marker.read_text())} models, not {shapes}; "
@@ -143,7 +145,7 @@ def run(args) -> dict:
     module, batches, prompts = setup(args)
     prompt_tokens = sum(len(p["input_ids"]) for p in prompts) / len(prompts)
     chars_per_token = sum(p["chars"] for p in prompts) / sum(len(p["input_ids"]) for p in prompts)
-    print(f"setup {time.perf_counter() - t_setup:.1f}s: {args.shape} policy, {args.reward_shape} reward, "
+    print(f"setup {time.perf_counter() - t_setup:.1f}s: {args.shape} {args.policy} policy, {args.reward_shape} reward, "
           f"{prompt_tokens:.0f} prompt tokens on average ({chars_per_token:.2f} characters a token)", flush=True)
     # The notebook's loop scores in float32 as the notebook does; this module and the floor as set.
     nb_reward = module.reward
@@ -190,7 +192,7 @@ def run(args) -> dict:
         result["rss_phases_mb"] = phases
     result |= {
         "split": {w: {k: round(v, 3) for k, v in s.items()} for w, s in splits.items()},
-        "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
+        "policy": args.policy, "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
         "reward_batch_size": args.reward_batch_size, "reward_precision": precision["ours"],
@@ -208,7 +210,7 @@ def print_table(result: dict, splits: dict) -> None:
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
-    print(f"\n{result['shape']} policy / {result['reward_shape']} reward ({result['reward_precision']}; the notebook's "
+    print(f"\n{result['shape']} {result['policy']} policy / {result['reward_shape']} reward ({result['reward_precision']}; the notebook's "
           f"{result['reward_precision_notebook']}), {result['dtype']} on {result['device']} ({result['threads']} threads, "
           f"{result['cpu']}); {result['estimator']}, {result['batch_size']} prompts x {result['samples_per_prompt']}, "
           f"mini-batch {result['mini_batch_size']}, {result['new_tokens']} new tokens, mean of {result['iters']} iterations")
@@ -249,7 +251,9 @@ def profile_ours(module, batch: dict, args) -> None:
 
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python -m detox_lightning.bench", description=DESCRIPTION)
-    p.add_argument("--shape", choices=list(SHAPES), default="small", help="FLAN-T5 shape of the policy")
+    p.add_argument("--policy", choices=POLICIES, default="seq2seq",
+                   help="seq2seq: FLAN-T5-shaped; causal: Llama-shaped of about the same size (CAUSAL_SHAPES)")
+    p.add_argument("--shape", choices=list(SHAPES), default="small", help="size of the policy (FLAN-T5 small/base)")
     p.add_argument("--reward-shape", choices=list(REWARD_SHAPES), default="base", help="RoBERTa shape of the reward")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the base weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

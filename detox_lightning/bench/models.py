@@ -1,9 +1,11 @@
-"""Offline stand-ins for the benchmark: FLAN-T5- and RoBERTa-shaped models, a tokenizer, prompts.
+"""Offline stand-ins for the benchmark: FLAN-T5-, Llama- and RoBERTa-shaped models, a tokenizer, prompts.
 
 The models have the real shapes with random weights, saved with `save_pretrained` and loaded back
 through the project's own `from_pretrained` code. The tokenizer is a BPE trained on the sample
 dialogues (~4 characters a token, as T5's on English dialogue), padded with filler pieces up to
-FLAN-T5's 32,128 ids so that any sampled id decodes to text.
+FLAN-T5's 32,128 ids so that any sampled id decodes to text. The Llama-shaped policy
+(`--policy causal`) has the same vocabulary and about the same parameter count as the T5 shape
+of the same name, so the two architectures compare at equal size.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ SHAPES = {  # T5Config fields of google/flan-t5-{small,base}; tiny is for tests
     "small": {"d_model": 512, "d_ff": 1024, "d_kv": 64, "num_heads": 6, "num_layers": 8, "num_decoder_layers": 8},
     "base": {"d_model": 768, "d_ff": 2048, "d_kv": 64, "num_heads": 12, "num_layers": 12, "num_decoder_layers": 12},
 }
+CAUSAL_SHAPES = {  # LlamaConfig fields; untied 32,128-id embeddings: small ~71 M parameters (FLAN-T5-small 77 M), base ~219 M (248 M)
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+             "num_hidden_layers": 2},
+    "small": {"hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8, "num_key_value_heads": 8,
+              "num_hidden_layers": 12},
+    "base": {"hidden_size": 768, "intermediate_size": 2048, "num_attention_heads": 12, "num_key_value_heads": 12,
+             "num_hidden_layers": 24},
+}
+POLICIES = ("seq2seq", "causal")
 REWARD_SHAPES = {  # RobertaConfig fields of roberta-base (the hate classifier's shape); tiny for tests
     "tiny": {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "intermediate_size": 64, "max_position_embeddings": 514},
@@ -63,13 +74,15 @@ def _pad_vocab(tokenizer, size: int):
     )
 
 
-def build_models(root: Path, shape: str, reward_shape: str) -> tuple[str, str]:
-    """Save a FLAN-T5-shaped policy and a RoBERTa-shaped nothate/hate classifier under `root`."""
+def build_models(root: Path, shape: str, reward_shape: str, policy: str = "seq2seq") -> tuple[str, str]:
+    """Save a FLAN-T5- (or Llama-) shaped policy and a RoBERTa-shaped nothate/hate classifier under `root`."""
     from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
     from detox_lightning.builtin import train_tokenizer
 
     corpus = _corpus(200 if shape == "tiny" else 1000)  # tests need speed, not realistic lengths
+    if policy == "causal":
+        return build_causal_policy(root / "policy", shape, corpus), build_reward(root / "reward", reward_shape, corpus)
     t5_tok = train_tokenizer(
         corpus, BPE_VOCAB, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
         single="$A </s>", pair="$A </s> $B </s>", model_max_length=1024,
@@ -88,6 +101,27 @@ def build_models(root: Path, shape: str, reward_shape: str) -> tuple[str, str]:
     t5_tok.save_pretrained(policy_dir)
     del model
     return str(policy_dir), build_reward(root / "reward", reward_shape, corpus)
+
+
+def build_causal_policy(policy_dir: Path, shape: str, corpus: list[str]) -> str:
+    """A Llama-shaped causal LM (random weights, seed 0): BOS before each prompt, EOS as padding."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from detox_lightning.builtin import train_tokenizer
+
+    tokenizer = train_tokenizer(
+        corpus, BPE_VOCAB, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+        single="<s> $A", pair="<s> $A $B", model_max_length=2048,
+    )
+    tokenizer = _pad_vocab(tokenizer, T5_VOCAB)
+    config = LlamaConfig(vocab_size=T5_VOCAB, max_position_embeddings=2048, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=1, **CAUSAL_SHAPES[shape])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model.save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    return str(policy_dir)
 
 
 def build_reward(reward_dir: Path, reward_shape: str, corpus: list[str] | None = None) -> str:
@@ -127,7 +161,7 @@ def make_prompts(tokenizer, n: int, seed: int) -> list[dict]:
 
 
 def collate(tokenizer, rows: list[dict]) -> dict:
-    """Right-padded to the longest prompt of these rows (as `DialogSumDataModule.collate`)."""
+    """Padded to the longest prompt of these rows, on the tokenizer's side (as `DialogSumDataModule.collate`)."""
     batch = tokenizer.pad({"input_ids": [r["input_ids"] for r in rows]}, padding=True, return_tensors="pt")
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "query": [r["query"] for r in rows]}

@@ -178,15 +178,14 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
 # ---- way 2: the notebook's loop (trl's classic PPOTrainer), same model and prompts ----
 
 
-def _trl_forward(model, rows, tokenizer, decoder_start, device, mb):
+def _trl_forward(model, arch, rows, tokenizer, device, mb):
     """trl's `batched_forward_pass`: mini-batches padded on their own, full log-softmax then gather."""
     out_lp, out_v = [], []
     for start in range(0, len(rows), mb):
         chunk = rows[start : start + mb]
         enc = tokenizer.pad({"input_ids": [q.tolist() for q, _ in chunk]}, padding=True, return_tensors="pt").to(device)
         responses = torch.stack([r for _, r in chunk]).to(device)
-        dec = torch.cat([responses.new_full((len(chunk), 1), decoder_start), responses[:, :-1]], dim=1)
-        logits, _, values = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec)
+        logits, values = arch.forward(model, enc["input_ids"], enc["attention_mask"], responses, torch.ones_like(responses))
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
         out_lp.append(logp)
         out_v.append(values.float())
@@ -209,21 +208,25 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
     from detox_lightning.trl_compat import masked_whiten
 
     policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
-    start = policy.pretrained_model.config.decoder_start_token_id
+    arch = module.arch
     gen_kwargs = plain_generation_kwargs(module, args.new_tokens)
     queries = [q[m.bool()] for q, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
     # 1. one prompt at a time through generate
     with clock("generate"), torch.no_grad():
         policy.eval()
-        responses = [policy.generate(input_ids=q[None].to(device), **gen_kwargs)[0, 1:] for q in queries]
+        responses = [
+            arch.responses(policy.generate(input_ids=q[None].to(device), attention_mask=torch.ones_like(q[None]).to(device),
+                                           **gen_kwargs), len(q))[0]
+            for q in queries
+        ]
     with clock("reward"):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         scores = pipeline_scores(reward, [q + r for q, r in zip(batch["query"], texts, strict=True)]).to(device)
     rows = list(zip(queries, responses, strict=True))
     # 2. old log-probs and values, then reference log-probs from the deep-copied model: two passes
     with clock("logprobs"), torch.no_grad():
-        logprobs, values = _trl_forward(policy, rows, tokenizer, start, device, ppo.mini_batch_size)
-        ref_logprobs, _ = _trl_forward(ref_model, rows, tokenizer, start, device, ppo.mini_batch_size)
+        logprobs, values = _trl_forward(policy, arch, rows, tokenizer, device, ppo.mini_batch_size)
+        ref_logprobs, _ = _trl_forward(ref_model, arch, rows, tokenizer, device, ppo.mini_batch_size)
         mask = torch.ones_like(logprobs)
         rewards = ppo_math.shape_rewards(scores, ppo_math.per_token_kl(logprobs, ref_logprobs), mask, 0.2)
         advantages, returns = ppo_math.gae(values, rewards, mask, ppo.gamma, ppo.lam)
@@ -232,7 +235,7 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
     with clock("update"):
         policy.train(not ppo.disable_dropout)
         for idx in torch.randperm(len(rows)).split(ppo.mini_batch_size):
-            new_lp, vpred = _trl_forward(policy, [rows[i] for i in idx], tokenizer, start, device, len(idx))
+            new_lp, vpred = _trl_forward(policy, arch, [rows[i] for i in idx], tokenizer, device, len(idx))
             idx = idx.to(device)
             pg_loss, *_ = ppo_math.policy_loss(new_lp, logprobs[idx], advantages[idx], mask[idx], ppo.cliprange)
             vf_loss, _ = ppo_math.value_loss(vpred, values[idx], returns[idx], mask[idx], ppo.cliprange_value)
@@ -246,7 +249,7 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
 
 
 def floor_iteration(module, optimizer, batch: dict, args, clock: Clock) -> None:
-    from detox_lightning.rollout import decoder_inputs, token_logprobs
+    from detox_lightning.rollout import token_logprobs
 
     policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -255,17 +258,15 @@ def floor_iteration(module, optimizer, batch: dict, args, clock: Clock) -> None:
         with merged(module):
             out = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   **module.generation_kwargs(args.new_tokens))
-        responses = out[:, 1:]
+        responses = module.arch.responses(out, input_ids.shape[1])
     with clock("reward"):
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         module.reward(batch["query"], texts)
     with clock("update"):
         policy.train(not ppo.disable_dropout)
-        dec = decoder_inputs(responses, policy.pretrained_model.config.decoder_start_token_id)
         for idx in torch.arange(len(texts), device=device).split(ppo.mini_batch_size):
-            width = int(attention_mask[idx].sum(dim=1).max())
-            logits, _, values = policy(input_ids=input_ids[idx, :width], attention_mask=attention_mask[idx, :width],
-                                       decoder_input_ids=dec[idx])
+            prompt = module.arch.trim_prompt(input_ids[idx], attention_mask[idx], int(attention_mask[idx].sum(dim=1).max()))
+            logits, values = module.arch.forward(policy, *prompt, responses[idx], torch.ones_like(responses[idx]))
             loss = -token_logprobs(logits, responses[idx], 1.0).mean() + values.float().pow(2).mean()
             loss.backward()
             optimizer.step()
@@ -291,7 +292,7 @@ def eval_batched(module, prompts: list[dict], args) -> float:
             out = policy.generate(input_ids=batch["input_ids"].to(device),
                                   attention_mask=batch["attention_mask"].to(device),
                                   **module.generation_kwargs(args.new_tokens))
-        responses = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+        responses = tokenizer.batch_decode(module.arch.responses(out, batch["input_ids"].shape[1]), skip_special_tokens=True)
         texts += [q + " " + r for q, r in zip(batch["query"], responses, strict=True)]
     module.reward.toxicity(texts).tolist()
     return clock.now() - t0
@@ -305,9 +306,9 @@ def eval_notebook(module, reward, prompts: list[dict], args) -> float:
     clock = Clock(device)
     t0 = clock.now()
     for p in prompts:
-        out = policy.generate(input_ids=torch.tensor([p["input_ids"]], device=device),
-                              **plain_generation_kwargs(module, args.new_tokens))
-        response = tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+        ids = torch.tensor([p["input_ids"]], device=device)
+        out = policy.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **plain_generation_kwargs(module, args.new_tokens))
+        response = tokenizer.decode(module.arch.responses(out, ids.shape[1])[0], skip_special_tokens=True)
         reward.toxicity([p["query"] + " " + response]).tolist()
     return clock.now() - t0
 
@@ -327,7 +328,7 @@ def run_way(
         return run_ours(module, batches, args, clock)
     batches = [repeat_rows(b, args.samples_per_prompt) for b in batches]
     if module.policy.v_head is None:  # rloo/grpo built the module without one; these ways are PPO
-        module.policy.v_head = ValueHead(module.policy.pretrained_model.config.d_model).to(args.device)
+        module.policy.v_head = ValueHead(module.policy.pretrained_model.config.hidden_size).to(args.device)
     with clock("setup"):
         params = [p for p in module.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=module.ppo.learning_rate)
