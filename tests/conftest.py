@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny models built offline into a per-session cache, and a perturbed adapter."""
+"""Shared fixtures: tiny models built offline into a per-session cache, perturbed adapters, and the
+quick start's SFT adapter."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +73,16 @@ def tiny_llama(tiny_cache):
 @pytest.fixture(scope="session")
 def perturbed_causal_adapter(tiny_llama, tmp_path_factory):
     return save_perturbed_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path_factory.mktemp("causal_adapter"))
+
+
+@pytest.fixture(scope="session")
+def quickstart_sft_adapter(tiny_cache, tmp_path_factory):
+    """The README quick start's SFT stage with 3 epochs instead of 8, trained once for every quick-start test."""
+    root = tmp_path_factory.mktemp("quickstart_sft")
+    sft = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3",
+         "--trainer.default_root_dir", str(root / "sft"), "--model.init_args.adapter_dir", str(root / "adapter")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=2400, check=False,
+    )
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    return str(root / "adapter")

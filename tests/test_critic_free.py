@@ -133,18 +133,12 @@ def test_two_rank_rloo_keeps_groups_on_their_rank_and_logs_global_statistics(tmp
 
 
 @pytest.mark.slow
-def test_quick_start_with_rloo_detoxifies_for_the_reward_and_the_judge(tmp_path):
+def test_quick_start_with_rloo_detoxifies_for_the_reward_and_the_judge(tmp_path, quickstart_sft_adapter):
     """The quick start's PPO stage with RLOO (8 prompts x 2 samples: the same 16 responses an iteration)."""
     import json
 
-    adapter = tmp_path / "sft_adapter"
+    adapter = quickstart_sft_adapter
     run = [sys.executable, "train.py", "fit"]
-    sft = subprocess.run(
-        run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
-               str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
-        cwd=ROOT, capture_output=True, text=True, timeout=2400, check=False,
-    )
-    assert sft.returncode == 0, sft.stderr[-3000:]
     detox = subprocess.run(
         run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
                "--model.init_args.policy.adapter_name_or_path", str(adapter), "--data.batch_size", "8",

@@ -116,21 +116,15 @@ def test_int8_on_a_random_weight_roberta_base_moves_logits_little_but_ranks_loos
 
 
 @pytest.mark.slow
-def test_quick_start_with_the_int8_reward_keeps_its_verdict(tmp_path):
+def test_quick_start_with_the_int8_reward_keeps_its_verdict(tmp_path, quickstart_sft_adapter):
     """The README's quick start (shorter SFT, as tests/test_sft_quickstart.py) with the reward in int8:
     toxicity still falls with a 95% CI wholly below 0, under the reward's classifier and the judge."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    adapter = tmp_path / "sft_adapter"
+    adapter = quickstart_sft_adapter
     run = [sys.executable, "train.py", "fit"]
-    sft = subprocess.run(
-        run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
-               str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
-        cwd=root, capture_output=True, text=True, timeout=2400, check=False,
-    )
-    assert sft.returncode == 0, sft.stderr[-3000:]
     detox = subprocess.run(
         run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
                "--model.init_args.policy.adapter_name_or_path", str(adapter),

@@ -91,18 +91,12 @@ def test_flan_configs_point_at_the_real_data_with_one_override(config):
 
 
 @pytest.mark.slow
-def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path):
+def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path, quickstart_sft_adapter):
     """The README's quick start, with a shorter SFT: toxicity falls with a CI below 0 under the reward's
     classifier and under the independent judge, and ROUGE-L holds."""
     rougel_tolerance = 0.05
-    adapter = tmp_path / "sft_adapter"
+    adapter = quickstart_sft_adapter
     run = [sys.executable, "train.py", "fit"]
-    sft = subprocess.run(
-        run + ["--config", "configs/tiny_sft.yaml", "--trainer.max_epochs", "3", "--trainer.default_root_dir",
-               str(tmp_path / "sft"), "--model.init_args.adapter_dir", str(adapter)],
-        cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False,
-    )
-    assert sft.returncode == 0, sft.stderr[-3000:]
     detox = subprocess.run(
         run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
                "--model.init_args.policy.adapter_name_or_path", str(adapter)],
