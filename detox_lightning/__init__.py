@@ -9,8 +9,8 @@ from detox_lightning.settings import GenerationSettings, PPOSettings
 
 __all__ = [
     "CombinedReward",
-    "FunctionReward",
     "DialogSumDataModule",
+    "FunctionReward",
     "GenerationSettings",
     "HFClassifierReward",
     "PPODetoxModule",

@@ -96,7 +96,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         predict_path: str | None = None,
         prompt_format: Literal["auto", "chat", "plain"] = "auto",
         text_column: str = "dialogue",
-        filter: str | None = None,  # noqa: A002 - the user-facing name
+        filter: str | None = None,
     ) -> None:
         super().__init__()
         problems = []

@@ -20,9 +20,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from detox_lightning.architectures import architecture_of
 from detox_lightning.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
-from detox_lightning.architectures import architecture_of
 from detox_lightning.trl_compat import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
 POLICY_ADAPTER = "policy"

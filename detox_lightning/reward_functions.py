@@ -20,6 +20,7 @@ reward:
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,7 @@ PairFunction = Callable[[list[str], list[str]], list[float]]
 
 def import_function(path: str, flag: str) -> PairFunction:
     """The callable named `package.module:name` (or `package.module.name`); a ConfigError otherwise."""
-    module_name, sep, name = path.partition(":") if ":" in path else path.rpartition(".")
+    module_name, _, name = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not name:
         raise ConfigError(f"{flag}={path!r} is not of the form 'package.module:name'")
     try:
@@ -150,7 +151,7 @@ def repeated_bigram_penalty(queries: list[str], responses: list[str]) -> list[fl
     out = []
     for response in responses:
         words = response.split()
-        bigrams = list(zip(words, words[1:], strict=False))
+        bigrams = list(itertools.pairwise(words))
         out.append(-(len(bigrams) - len(set(bigrams))) / len(bigrams) if bigrams else 0.0)
     return out
 

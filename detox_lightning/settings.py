@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from detox_lightning import ppo_math
+from detox_lightning.errors import ConfigError, out_of_range, raise_problems
 from detox_lightning.estimators import (
     ESTIMATORS,
     GRPO_LOSS_TYPES,
@@ -13,7 +14,6 @@ from detox_lightning.estimators import (
     GRPOLossType,
     ScaleRewards,
 )
-from detox_lightning.errors import ConfigError, out_of_range, raise_problems
 
 
 @dataclass

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
-from trl.trainer.rloo_trainer import RLOOTrainer  # noqa: E402
-from trl.trainer.utils import nanstd  # noqa: E402
+from trl.trainer.grpo_trainer import GRPOTrainer
+from trl.trainer.rloo_trainer import RLOOTrainer
+from trl.trainer.utils import nanstd
 
-from detox_lightning import estimators  # noqa: E402
+from detox_lightning import estimators
 
 # ---- trl's advantage lines, transcribed (and checked against the installed source below) ----
 

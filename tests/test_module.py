@@ -54,7 +54,8 @@ def test_kl_grows_after_updates_and_controller_moves(tiny_t5, tiny_classifier, s
     # a target between the two KLs: the coefficient must first fall (KL 0 < target), then rise
     module = make_module(tiny_t5, tiny_classifier, mini_batch_size=2, ppo_epochs=2, target=1e-3, horizon=20)
     fit(module, sample_data, tmp_path, iterations=3)
-    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    with next(tmp_path.rglob("metrics.csv")).open() as f:
+        rows = list(csv.DictReader(f))
     kls = [float(r["objective/kl"]) for r in rows if r.get("objective/kl")]
     coefs = [float(r["objective/kl_coef"]) for r in rows if r.get("objective/kl_coef")]
     assert len(kls) == 3 and abs(kls[0]) < 1e-4 and min(kls[1:]) > 1e-2, kls

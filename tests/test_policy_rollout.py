@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from detox_lightning.architectures import SEQ2SEQ, decoder_inputs
 from detox_lightning.errors import ConfigError
 from detox_lightning.policy import (
     PolicyConfig,
@@ -11,7 +12,6 @@ from detox_lightning.policy import (
     has_reference_adapter,
     reference_mode,
 )
-from detox_lightning.architectures import SEQ2SEQ, decoder_inputs
 from detox_lightning.rollout import Samples, logprobs_and_values, sample
 
 
