@@ -154,14 +154,17 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         raw_scores = self.reward(queries, responses).to(self.device, torch.float32)
         scores = self.shape_scores(raw_scores, ids)
 
-        # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference,
-        # in the first update epoch's micro-batches: its first forward repeats these bit for bit
+        # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference.
+        # From a forward pass: in the first update epoch's micro-batches, so that its first forward
+        # repeats them bit for bit (bf16 rounds differently for other shapes). From generate: only
+        # the reference's pass is left, in chunks of similar length (less padding).
         self.policy.eval()
         first_epoch = self.update_batches(input_ids.shape[0])
+        chunks = ppo.mini_batch_size if self.logprobs_from_generate else [m for mini in first_epoch for m in mini]
         token_scores = score_rollout(
-            self.policy, self.arch, samples, input_ids, attention_mask, self.generation.temperature,
-            [micro for mini in first_epoch for micro in mini], partial(reference_mode, self.policy),
-            with_full_kl=ppo.kl_penalty == "full", with_reference=ppo.needs_reference,
+            self.policy, self.arch, samples, input_ids, attention_mask, self.generation.temperature, chunks,
+            partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
+            with_reference=ppo.needs_reference,
         )
         del samples  # with its (B, T, V) step logits
         fmask = mask.float()
