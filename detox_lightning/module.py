@@ -20,6 +20,7 @@ from detox_lightning import estimators, ppo_math
 from detox_lightning.architectures import architecture_of
 from detox_lightning.checkpointing import TrainableStateMixin
 from detox_lightning.distributed import DataParallelMixin
+from detox_lightning.fast_generation import inverse_cdf_kwargs, merged_lora
 from detox_lightning.guards import SkipCounter, nonfinite_parts
 from detox_lightning.policy import PolicyConfig, base_dtype, build_policy, enable_gradient_checkpointing, reference_mode
 from detox_lightning.resumable import ResumableRLMixin
@@ -80,9 +81,10 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
 
     # ---- generation (also used by the evaluation callbacks) ----
 
-    def generation_kwargs(self, max_new_tokens: int) -> dict:
+    def generation_kwargs(self, max_new_tokens: int, fast: bool | None = None) -> dict:
+        """`generate` kwargs; `fast` (default: `generation.fast_sampling`) samples by inverse CDF."""
         g = self.generation
-        return {
+        kwargs = {
             "do_sample": True,
             "top_k": g.top_k,
             "top_p": g.top_p,
@@ -92,6 +94,11 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
         }
+        return inverse_cdf_kwargs(kwargs) if (g.fast_sampling if fast is None else fast) else kwargs
+
+    def generation_weights(self) -> contextlib.AbstractContextManager:
+        """Around `generate` (policy in eval mode): the active LoRA merged under `generation.fast_sampling`."""
+        return merged_lora(self.policy.pretrained_model) if self.generation.fast_sampling else contextlib.nullcontext()
 
     @torch.no_grad()
     def sample(
@@ -107,7 +114,7 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         self.policy.eval()
         kwargs = self.generation_kwargs(max_new_tokens)
         try:
-            with reference_mode(self.policy) if reference else contextlib.nullcontext():
+            with reference_mode(self.policy) if reference else contextlib.nullcontext(), self.generation_weights():
                 return sample(self.policy, self.arch, input_ids, attention_mask, kwargs, keep_logits)
         finally:
             self.policy.train(was_training)

@@ -28,6 +28,11 @@ class GenerationSettings:
         top_k: 0 samples from the whole vocabulary.
         top_p: 1.0 disables nucleus filtering.
         temperature: sampling temperature; log-probs divide the logits by it too.
+        fast_sampling: sample with the LoRA merged into the float32 base weights (put back bit for
+            bit afterwards) and by inverse CDF instead of `torch.multinomial`
+            (`detox_lightning.fast_generation`): the same distribution, another random stream, so a
+            seeded run draws other responses than with it off. Off by default; measured in the
+            README's Performance section. Merging is skipped for bf16 base weights.
     """
 
     min_length: int = 5
@@ -36,6 +41,7 @@ class GenerationSettings:
     top_k: int = 0
     top_p: float = 1.0
     temperature: float = 1.0
+    fast_sampling: bool = False
 
 
 @dataclass

@@ -43,3 +43,15 @@ def test_first_iteration_kl_is_zero_and_ratio_one_at_the_shipped_precision(tmp_p
     assert scalars["tokens/responses_len_mean"] > 100  # long responses: rounding had room to add up
     assert abs(scalars["objective/kl"]) < 1e-4, scalars["objective/kl"]
     assert abs(scalars["ppo/policy/ratio_first"] - 1) < 1e-3, scalars["ppo/policy/ratio_first"]
+
+
+@pytest.mark.slow
+def test_fast_sampling_keeps_the_first_iteration_exact(tmp_path, perturbed_adapter):
+    """`generation.fast_sampling` (LoRA merged for generate, inverse-CDF sampling): log-probs still
+    come from generate in float32, from the merged weights, and must match the unmerged forward."""
+    scalars = first_iteration_scalars(
+        tmp_path, perturbed_adapter, "float32", ("--model.init_args.generation.fast_sampling", "true")
+    )
+    assert scalars["tokens/responses_len_mean"] > 100
+    assert abs(scalars["objective/kl"]) < 1e-4, scalars["objective/kl"]
+    assert abs(scalars["ppo/policy/ratio_first"] - 1) < 1e-3, scalars["ppo/policy/ratio_first"]

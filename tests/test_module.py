@@ -129,6 +129,43 @@ def test_auto_dtype_is_bfloat16_with_a_cuda_gpu_and_float32_on_a_cpu(tiny_t5, ti
     assert not module.logprobs_from_generate
 
 
+def test_fast_sampling_merges_only_while_sampling_and_leaves_the_frozen_weights_untouched(
+    tiny_t5, tiny_classifier, sample_data, tmp_path
+):
+    """`generation.fast_sampling`: every generate runs with the LoRA merged and the inverse-CDF
+    sampler; outside it nothing is merged, the frozen weights are bit for bit what they were, and
+    the adapter trains."""
+    from peft.tuners.lora import LoraLayer
+
+    from detox_lightning.fast_generation import InverseCDFSampler
+
+    pl.seed_everything(0)
+    module = PPODetoxModule(
+        reward=HFClassifierReward(tiny_classifier),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
+        ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=4),
+        generation=GenerationSettings(output_min_length=8, output_max_length=12, fast_sampling=True),
+        batch_size=4,
+    )
+    layers = [m for m in module.policy.modules() if isinstance(m, LoraLayer)]
+    seen, generate = [], module.policy.generate
+
+    def spy(*args, **kwargs):
+        sampler = any(isinstance(p, InverseCDFSampler) for p in kwargs.get("logits_processor") or [])
+        seen.append((all(layer.merged for layer in layers), sampler, kwargs["do_sample"]))
+        return generate(*args, **kwargs)
+
+    module.policy.generate = spy
+    params = dict(module.policy.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    fit(module, sample_data, tmp_path, iterations=2)
+    assert seen and all(s == (True, True, False) for s in seen), seen
+    assert not any(layer.merged for layer in layers)
+    frozen = [n for n, p in params.items() if not p.requires_grad]
+    assert frozen and all(torch.equal(params[n], before[n]) for n in frozen)
+    assert any(not torch.equal(params[n], before[n]) for n in params if "lora_B" in n)
+
+
 def test_bfloat16_base_trains_float32_adapter(tiny_t5, tiny_classifier, sample_data, tmp_path):
     """`policy.dtype: bfloat16` (flan_t5_base.yaml's setting) end to end: the bf16 base stays frozen,
     the float32 LoRA and value head learn, and every statistic is finite."""

@@ -34,7 +34,6 @@ from detox_lightning.bench.ways import (
     mean_split,
     run_ours,
     run_way,
-    use_fast_generation,
 )
 from detox_lightning.estimators import ESTIMATORS
 from detox_lightning.quantize import QUANTIZE_CHOICES
@@ -102,8 +101,6 @@ def setup(args):
                  f"give each shape its own directory")
     quantize = "none" if args.worker == "notebook" else None  # the notebook scores in float32
     module = make_module(args, str(root / "policy"), str(root / "reward"), quantize).to(args.device)
-    if args.generation == "fast":
-        use_fast_generation(module)
     prompts = make_prompts(module.tokenizer, args.batch_size * (args.iters + 1), seed=args.seed)
     batches = [collate(module.tokenizer, prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
     return module, batches, prompts
@@ -271,8 +268,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--reward-quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="HFClassifierReward(quantize=...) of this module and the floor; the notebook's stays float32")
     p.add_argument("--generation", choices=("plain", "fast"), default="plain",
-                   help="fast: this module and the floor sample with the LoRA merged and by inverse CDF "
-                        "(detox_lightning.fast_generation; not yet in the module), the notebook as before")
+                   help="fast: this module and the floor sample with generation.fast_sampling (the LoRA merged, "
+                        "inverse CDF), the notebook's loop as the notebook")
     p.add_argument("--estimator", choices=ESTIMATORS, default="gae",
                    help="this module's advantage_estimator (the notebook and the floor are PPO)")
     p.add_argument("--samples-per-prompt", type=int, default=1,

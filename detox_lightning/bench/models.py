@@ -194,7 +194,7 @@ def make_module(args, policy_dir: str, reward_dir: str, reward_quantize: str | N
                         samples_per_prompt=args.samples_per_prompt),
         # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token)
         generation=GenerationSettings(min_length=args.new_tokens + 1, output_min_length=args.new_tokens,
-                                      output_max_length=args.new_tokens),
+                                      output_max_length=args.new_tokens, fast_sampling=args.generation == "fast"),
         batch_size=args.batch_size,
     )
 

@@ -22,43 +22,9 @@ from detox_lightning.bench.models import collate, repeat_rows
 WAYS = ("ours", "notebook", "floor")
 
 
-def use_fast_generation(module) -> None:
-    """`--generation fast`: this module samples with the LoRA merged and by inverse CDF (`fast_generation`).
-
-    Patched on the instance, as the main developer would wire it in `sample`/`generation_kwargs`;
-    the floor and the batched evaluation get the same (their generate goes through `merged`), the
-    notebook's loop keeps `plain_generation_kwargs`.
-    """
-    from detox_lightning.fast_generation import inverse_cdf_kwargs, merged_lora
-
-    plain_kwargs, plain_sample = module.generation_kwargs, module.sample
-    module.plain_generation_kwargs = plain_kwargs
-    module.generation_kwargs = lambda max_new_tokens: inverse_cdf_kwargs(plain_kwargs(max_new_tokens))
-
-    def sample(*args, **kwargs):
-        was_training = module.policy.training
-        module.policy.eval()  # merged_lora merges in eval mode only
-        try:
-            with merged_lora(module.policy.pretrained_model):
-                return plain_sample(*args, **kwargs)
-        finally:
-            module.policy.train(was_training)
-
-    module.sample = sample
-
-
-def merged(module):
-    """The merged-LoRA context under `--generation fast` (the policy in eval mode), else nothing."""
-    if not hasattr(module, "plain_generation_kwargs"):
-        return contextlib.nullcontext()
-    from detox_lightning.fast_generation import merged_lora
-
-    return merged_lora(module.policy.pretrained_model)
-
-
 def plain_generation_kwargs(module, max_new_tokens: int) -> dict:
-    """The notebook's sampling: `torch.multinomial`, whatever `--generation` says."""
-    return getattr(module, "plain_generation_kwargs", module.generation_kwargs)(max_new_tokens)
+    """The notebook's sampling: `torch.multinomial`, whatever `generation.fast_sampling` says."""
+    return module.generation_kwargs(max_new_tokens, fast=False)
 
 
 class ValueHead(torch.nn.Module):
@@ -255,7 +221,7 @@ def floor_iteration(module, optimizer, batch: dict, args, clock: Clock) -> None:
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with clock("generate"), torch.no_grad():
         policy.eval()
-        with merged(module):
+        with module.generation_weights():
             out = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
                                   **module.generation_kwargs(args.new_tokens))
         responses = module.arch.responses(out, input_ids.shape[1])
@@ -288,7 +254,7 @@ def eval_batched(module, prompts: list[dict], args) -> float:
     for start in range(0, len(ordered), args.eval_batch_size):
         rows = ordered[start : start + args.eval_batch_size]
         batch = collate(tokenizer, rows)
-        with merged(module):
+        with module.generation_weights():
             out = policy.generate(input_ids=batch["input_ids"].to(device),
                                   attention_mask=batch["attention_mask"].to(device),
                                   **module.generation_kwargs(args.new_tokens))
