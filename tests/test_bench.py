@@ -78,6 +78,16 @@ def test_bench_tiny_causal_policy_runs_every_way_on_a_llama_shape(tmp_path):
     assert res.returncode != 0 and "error: --model-dir" in res.stderr
 
 
+def test_bench_reports_the_speedup_without_the_evaluation(tmp_path):
+    cmd = [sys.executable, "-m", "detox_lightning.bench", *TINY, "--batch-size", "2", "--skip-eval", "--skip-memory",
+           "--model-dir", str(tmp_path / "models")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["speedup"] == pytest.approx(result["s_per_iter_notebook"] / result["s_per_iter"])
+    assert result["eval_speedup"] is None
+
+
 def test_bench_names_every_bad_flag():
     cmd = [sys.executable, "-m", "detox_lightning.bench", "--batch-size", "6", "--mini-batch-size", "4", "--iters", "0",
            "--grad-accum", "3"]

@@ -174,7 +174,7 @@ def run(args) -> dict:
         "eval_prompts_per_s": len(eval_prompts) / eval_s if eval_s else None,
         "eval_prompts_per_s_notebook": len(eval_prompts) / eval_nb_s if eval_nb_s else None,
     }
-    result["speedup"] = result["s_per_iter_notebook"] / result["s_per_iter"] if eval_nb_s else None
+    result["speedup"] = result["s_per_iter_notebook"] / result["s_per_iter"] if "notebook" in splits else None
     result["ratio_to_floor"] = result["s_per_iter"] / result["s_floor"]
     result["eval_speedup"] = eval_nb_s / eval_s if eval_nb_s else None
     for way, mem in memory.items():
