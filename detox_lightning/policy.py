@@ -32,9 +32,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def base_dtype(setting: str) -> str:
     """The base weights' dtype name for `policy.dtype`: `auto` is bfloat16 where a CUDA GPU is
-    visible and float32 on a CPU, where bf16 measured slower (the base shape on a 2-core Xeon with
-    avx512_bf16: 100.2 s an iteration against 94.9 s in float32) and where CPUs without bf16
-    arithmetic do worse still."""
+    visible and float32 on a CPU. On CPUs bf16 pays on some and not others (README, Performance:
+    1.6x faster on an AMD EPYC, 5% slower on an Intel Xeon, both with avx512_bf16; emulated on
+    CPUs without it), so the exact float32 is the CPU default and bfloat16 an explicit choice."""
     if setting != "auto":
         return setting
     return "bfloat16" if torch.cuda.is_available() else "float32"
