@@ -130,19 +130,21 @@ def test_auto_dtype_is_bfloat16_with_a_cuda_gpu_and_float32_on_a_cpu(tiny_t5, ti
 
 
 def test_fast_sampling_merges_only_while_sampling_and_leaves_the_frozen_weights_untouched(
-    tiny_t5, tiny_classifier, sample_data, tmp_path
+    tiny_t5, tiny_classifier, sample_data, perturbed_adapter, tmp_path
 ):
-    """`generation.fast_sampling`: every generate runs with the LoRA merged and the inverse-CDF
-    sampler; outside it nothing is merged, the frozen weights are bit for bit what they were, and
-    the adapter trains."""
+    """`generation.fast_sampling`: every generate runs with the active LoRA merged (the policy's in
+    PPO, the reference's when sampling the reference, as the evaluation's "before") and the
+    inverse-CDF sampler; outside it nothing is merged, the frozen weights are bit for bit what they
+    were, and the adapter trains."""
     from peft.tuners.lora import LoraLayer
 
     from detox_lightning.fast_generation import InverseCDFSampler
+    from detox_lightning.policy import POLICY_ADAPTER, REFERENCE_ADAPTER
 
     pl.seed_everything(0)
     module = PPODetoxModule(
         reward=HFClassifierReward(tiny_classifier),
-        policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter),
         ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=12, fast_sampling=True),
         batch_size=4,
@@ -152,14 +154,20 @@ def test_fast_sampling_merges_only_while_sampling_and_leaves_the_frozen_weights_
 
     def spy(*args, **kwargs):
         sampler = any(isinstance(p, InverseCDFSampler) for p in kwargs.get("logits_processor") or [])
-        seen.append((all(layer.merged for layer in layers), sampler, kwargs["do_sample"]))
+        merged = {tuple(layer.merged_adapters) for layer in layers}
+        seen.append((merged, sampler, kwargs["do_sample"]))
         return generate(*args, **kwargs)
 
     module.policy.generate = spy
     params = dict(module.policy.named_parameters())
     before = {n: p.detach().clone() for n, p in params.items()}
     fit(module, sample_data, tmp_path, iterations=2)
-    assert seen and all(s == (True, True, False) for s in seen), seen
+    assert seen and all(s == ({(POLICY_ADAPTER,)}, True, False) for s in seen), seen
+    assert not any(layer.merged for layer in layers)
+    seen.clear()
+    batch = module.tokenizer(["Summarize: #Person1#: hello there. #Person2#: hi."], return_tensors="pt")
+    module.sample(batch.input_ids, batch.attention_mask, 4, reference=True)
+    assert seen == [({(REFERENCE_ADAPTER,)}, True, False)], seen
     assert not any(layer.merged for layer in layers)
     frozen = [n for n, p in params.items() if not p.requires_grad]
     assert frozen and all(torch.equal(params[n], before[n]) for n in frozen)

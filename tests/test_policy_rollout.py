@@ -100,9 +100,11 @@ def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_ad
     torch.testing.assert_close(samples.values[m], values[m], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("keep_logits", [True, False])
-def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_adapter, keep_logits):
-    """Chunks trimmed to their own prompt/response lengths give the whole padded batch's figures."""
+@pytest.mark.parametrize(("keep_logits", "chunks"), [(True, "size"), (False, "size"), (False, "given")])
+def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_adapter, keep_logits, chunks):
+    """Chunks trimmed to their own prompt/response lengths give the whole padded batch's figures,
+    whether length-sorted chunks of a size or given row groups in any order (the module's
+    first-epoch micro-batches) are scored."""
     from functools import partial
 
     from detox_lightning.ppo_math import full_kl
@@ -130,7 +132,8 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
         ids[row, length - 1], ids[row, length:] = tokenizer.eos_token_id, tokenizer.pad_token_id
         mask[row, :length] = True
     samples = Samples(ids, mask, samples.step_logits, samples.values)
-    scores = score_rollout(model, SEQ2SEQ, samples, input_ids, attention_mask, temperature, 3,
+    groups = 3 if chunks == "size" else [torch.tensor([4, 1]), torch.tensor([0, 3, 2])]
+    scores = score_rollout(model, SEQ2SEQ, samples, input_ids, attention_mask, temperature, groups,
                            partial(reference_mode, model), with_full_kl=True)
 
     args = (SEQ2SEQ, input_ids, attention_mask, samples.response_ids, samples.mask, temperature)
