@@ -35,6 +35,7 @@ class DetoxCLI(LightningCLI):
         (jsonargparse wraps it in a page of the whole config) becomes one ConfigError with the
         library's own message.
         """
+        resolve_auto_dtype(self.config.get(self.subcommand) if self.subcommand else self.config)
         try:
             super().instantiate_classes()
         except Exception as err:
@@ -137,6 +138,15 @@ def main(args: list[str] | None = None) -> None:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def resolve_auto_dtype(config) -> None:
+    """`policy.dtype: auto` is float32 when the trainer is told to run on the CPU, even where a GPU
+    is visible (`policy.base_dtype` alone would choose bfloat16 there); otherwise left to it."""
+    key = "model.init_args.policy.dtype"
+    accelerator = config.get("trainer.accelerator")
+    if config.get(key) == "auto" and isinstance(accelerator, str) and accelerator.lower() == "cpu":
+        config[key] = "float32"
 
 
 def parser_error_line(err: ArgumentError) -> str:

@@ -400,6 +400,7 @@ class ToxicityEvaluation(Callback):
             "before": self.before_metrics,
             "after": self.last_metrics,
             "policy": asdict(module.policy_config),
+            "policy_dtype": str(module.policy.pretrained_model.get_input_embeddings().weight.dtype).removeprefix("torch."),
             "reward": type(module.reward).__name__,
             "judge": type(self.judge).__name__ if self.judge is not None else None,
             # the arithmetic each classifier that judged scored with (e.g. float32, int8-dynamic)
@@ -477,7 +478,7 @@ def model_card(module: pl.LightningModule, report: dict) -> str:
     with_value_head = module.policy.v_head is not None
     return (
         "# Detoxified summarisation adapter (detox_lightning)\n\n"
-        f"- base model: `{module.policy_config.model_name_or_path}`\n"
+        f"- base model: `{module.policy_config.model_name_or_path}` ({report['policy_dtype']})\n"
         f"- starting adapter: `{module.policy_config.adapter_name_or_path}`\n"
         "- data: DialogSum-format dialogues, summarisation prompt\n"
         f"- method: {module.ppo.advantage_estimator.upper()} with a KL penalty towards the starting policy; "

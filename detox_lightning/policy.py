@@ -32,9 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def base_dtype(setting: str) -> str:
     """The base weights' dtype name for `policy.dtype`: `auto` is bfloat16 where a CUDA GPU is
-    visible and float32 on a CPU. On CPUs bf16 pays on some and not others (README, Performance:
-    1.6x faster on an AMD EPYC, 5% slower on an Intel Xeon, both with avx512_bf16; emulated on
-    CPUs without it), so the exact float32 is the CPU default and bfloat16 an explicit choice."""
+    visible and float32 otherwise (the command line also makes it float32 under
+    `trainer.accelerator: cpu`, see `cli.resolve_auto_dtype`). On CPUs bf16 pays on some and not
+    others (README, Performance: 1.6x faster on an AMD EPYC, 5% slower on an Intel Xeon, both with
+    avx512_bf16; emulated on CPUs without it), so float32 is the CPU choice and bfloat16 explicit."""
     if setting != "auto":
         return setting
     return "bfloat16" if torch.cuda.is_available() else "float32"
@@ -54,9 +55,9 @@ class PolicyConfig:
         reference_adapter_name_or_path: the frozen reference, when it is not the starting adapter:
             an adapter path, or `base` for the base model with adapters disabled (e.g. to evaluate
             an exported adapter against plain FLAN-T5). None: the starting adapter (or `base`).
-        dtype: dtype of the base weights: `auto` (bfloat16 when a CUDA GPU is visible, as the
-            notebook; float32 on a CPU, where it is faster), `float32` or `bfloat16`. LoRA weights
-            and the value head stay float32.
+        dtype: dtype of the base weights: `float32`, `bfloat16`, or `auto` (bfloat16 when the run
+            uses a CUDA GPU, as the notebook; float32 on a CPU; what flan_t5_base.yaml and the
+            SmolLM2 config set). LoRA weights and the value head stay float32.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator.
         lora_target_modules: names of the modules that get LoRA (T5: q, k, v, o, wi_0, wi_1, wo;
@@ -69,7 +70,7 @@ class PolicyConfig:
     model_name_or_path: str = "google/flan-t5-base"
     adapter_name_or_path: str | None = None
     reference_adapter_name_or_path: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     lora_r: int = 32
     lora_alpha: int = 32
     lora_target_modules: list[str] | None = None

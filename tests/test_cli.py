@@ -43,6 +43,25 @@ def test_every_config_parses(config):
     assert "class_path: detox_lightning." in result.stdout
 
 
+@pytest.mark.parametrize(("accelerator", "expected"), [("cpu", "float32"), ("CPU", "float32"), ("auto", "auto"),
+                                                      ("gpu", "auto")])
+def test_auto_dtype_is_float32_when_the_trainer_runs_on_the_cpu(accelerator, expected):
+    """Where a GPU is visible but the trainer is told `accelerator: cpu` (the tiny configs), `auto`
+    must not load bf16 weights to run them on the CPU; other accelerators leave `auto` to the policy."""
+    from jsonargparse import Namespace
+
+    from detox_lightning.cli import resolve_auto_dtype
+
+    config = Namespace(trainer=Namespace(accelerator=accelerator),
+                       model=Namespace(init_args=Namespace(policy=Namespace(dtype="auto"))))
+    resolve_auto_dtype(config)
+    assert config.model.init_args.policy.dtype == expected
+    explicit = Namespace(trainer=Namespace(accelerator="cpu"),
+                         model=Namespace(init_args=Namespace(policy=Namespace(dtype="bfloat16"))))
+    resolve_auto_dtype(explicit)
+    assert explicit.model.init_args.policy.dtype == "bfloat16"  # an explicit choice stays
+
+
 def test_tiny_fit_writes_tensorboard_metrics_and_a_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

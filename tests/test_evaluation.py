@@ -153,6 +153,7 @@ def test_fit_writes_table_report_and_tensorboard_scalars(fitted):
         assert float(r["reward_after"]) == pytest.approx(float(final.reward[i, 0]), abs=1e-6)
     assert set(report["versions"]) >= {"torch", "transformers", "peft", "trl", "lightning"}
     assert (report["reward_precision"], report["judge_precision"]) == ("float32", "unquantized")
+    assert report["policy_dtype"] == "float32"  # what the base weights ran in, whatever policy.dtype said
 
     events = EventAccumulator(str(next(log_dir.glob("events.out.tfevents.*"))))
     events.Reload()

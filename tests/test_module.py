@@ -15,10 +15,10 @@ from detox_lightning import (
 from detox_lightning.errors import ConfigError
 
 
-def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, **ppo):
+def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, dtype="float32", **ppo):
     return PPODetoxModule(
         reward=HFClassifierReward(tiny_classifier),
-        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4, dtype=dtype),
         ppo=PPOSettings(**({"learning_rate": 1e-2, "mini_batch_size": batch_size} | ppo)),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=batch_size,
@@ -114,17 +114,18 @@ def test_bad_settings_are_named(tiny_t5, tiny_classifier, kwargs, message):
 
 
 def test_auto_dtype_is_bfloat16_with_a_cuda_gpu_and_float32_on_a_cpu(tiny_t5, tiny_classifier, monkeypatch):
-    """`policy.dtype: auto` (the default, flan_t5_base.yaml's): bf16 base weights only where CUDA is
+    """`policy.dtype: auto` (flan_t5_base.yaml's): bf16 base weights only where CUDA is
     visible, and then log-probs from a forward pass (generate's bf16 logits would not be exact)."""
     from detox_lightning.policy import base_dtype
 
-    assert PolicyConfig().dtype == "auto"
-    module = make_module(tiny_t5, tiny_classifier)
+    assert PolicyConfig().dtype == "float32"  # the Python default; the shipped GPU-or-CPU configs say auto
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = make_module(tiny_t5, tiny_classifier, dtype="auto")
     assert module.policy.pretrained_model.get_input_embeddings().weight.dtype == torch.float32
     assert module.logprobs_from_generate
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert base_dtype("auto") == "bfloat16" and base_dtype("float32") == "float32"
-    module = make_module(tiny_t5, tiny_classifier)  # built on the CPU still; only the choice is under test
+    module = make_module(tiny_t5, tiny_classifier, dtype="auto")  # built on the CPU still; only the choice is under test
     assert module.policy.pretrained_model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert not module.logprobs_from_generate
 
