@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -67,19 +67,18 @@ class Experience:
         """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
         prompt_len = int(self.attention_mask[idx].sum(dim=1).max())
         response_len = int(self.mask[idx].sum(dim=1).max())
-        fields = {"first_epoch": None}
+        fields = {}
         for name, value in vars(self).items():
-            if name == "first_epoch":
+            if not isinstance(value, torch.Tensor):
                 continue
-            if isinstance(value, torch.Tensor):
-                value = value[idx]
-                if name in ("input_ids", "attention_mask"):  # prompt padding sits on `padding_side`
-                    keep = slice(None, prompt_len) if self.padding_side == "right" else slice(-prompt_len, None)
-                    value = value[:, keep]
-                elif value.dim() == 2:
-                    value = value[:, :response_len]
+            value = value[idx]
+            if name in ("input_ids", "attention_mask"):  # prompt padding sits on `padding_side`
+                keep = slice(None, prompt_len) if self.padding_side == "right" else slice(-prompt_len, None)
+                value = value[:, keep]
+            elif value.dim() == 2:
+                value = value[:, :response_len]
             fields[name] = value
-        return Experience(**fields)
+        return replace(self, first_epoch=None, **fields)  # a selection has no epoch plan of its own
 
 
 @dataclass
@@ -241,7 +240,7 @@ def score_rollout(
         for name, value in chunk.items():
             parts[name].append(F.pad(value * mask, (0, length - t)))  # back to the batch's length
     unsort = torch.cat(list(chunks)).argsort()
-    return RolloutScores(**{name: torch.cat(chunks)[unsort] for name, chunks in parts.items()})
+    return RolloutScores(**{name: torch.cat(pieces)[unsort] for name, pieces in parts.items()})
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
