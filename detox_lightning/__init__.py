@@ -1,11 +1,15 @@
-"""RL detoxification (PPO, RLOO, GRPO) of FLAN-T5 summaries with PyTorch Lightning."""
+"""RL detoxification (PPO, RLOO, GRPO, REINFORCE++) of seq2seq and causal language models with
+PyTorch Lightning.
+
+Layers, lowest first (a test checks that none imports a higher one): `errors`, `moved`,
+`trl_compat`; `io`; `offline`; `rl`; `models`; `data`; `rewards`; `training`; `evaluation`;
+`bench`; the entry points `cli` and `export`.
+"""
 
 from detox_lightning.data import DialogSumDataModule
-from detox_lightning.module import PPODetoxModule
-from detox_lightning.policy import PolicyConfig
-from detox_lightning.reward_functions import CombinedReward, FunctionReward
-from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward, RewardModel
-from detox_lightning.settings import GenerationSettings, PPOSettings
+from detox_lightning.models import PolicyConfig
+from detox_lightning.rewards import CombinedReward, FunctionReward, HFClassifierReward, ProfanityCheckReward, RewardModel
+from detox_lightning.training import GenerationSettings, PPODetoxModule, PPOSettings, RLDetoxModule, RLSettings
 
 __all__ = [
     "CombinedReward",
@@ -17,5 +21,7 @@ __all__ = [
     "PPOSettings",
     "PolicyConfig",
     "ProfanityCheckReward",
+    "RLDetoxModule",
+    "RLSettings",
     "RewardModel",
 ]

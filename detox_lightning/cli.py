@@ -13,10 +13,11 @@ from pathlib import Path
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from detox_lightning.checkpointing import load_checkpoint_file
-from detox_lightning.data import DialogSumDataModule
+from detox_lightning.io.checkpoint import load_checkpoint_file
+from detox_lightning.data.datamodule import DialogSumDataModule
 from detox_lightning.errors import ConfigError, one_line
-from detox_lightning.guards import NonFiniteError
+from detox_lightning.moved import moved_paths_in
+from detox_lightning.training.guards import NonFiniteError
 
 CKPT_SPECIAL = ("last", "best", "hpc", "registry")
 
@@ -67,7 +68,7 @@ class DetoxCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """`predict` writes `predictions.jsonl` through a PredictionWriter: one is added when the config has none."""
-        from detox_lightning.predict import add_prediction_writer
+        from detox_lightning.evaluation.predict import add_prediction_writer
 
         self.before_fit()
         add_prediction_writer(self.trainer)
@@ -117,6 +118,11 @@ def quiet_library_noise() -> None:
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; bad input ends with one `error: ...` line on stderr and exit code 2."""
     quiet_library_noise()
+    try:
+        check_moved_paths(sys.argv[1:] if args is None else args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     # Parse errors are raised, not printed after a page of usage, so they get the one-line treatment.
     no_exit = {"exit_on_error": False}
     try:
@@ -138,6 +144,20 @@ def main(args: list[str] | None = None) -> None:
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_moved_paths(args: list[str]) -> None:
+    """Refuse, in one line, a command line or config file that names a module of the old flat layout."""
+    texts = [" ".join(args)]
+    for i, arg in enumerate(args):
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if path is not None and Path(path).is_file():
+            texts.append(Path(path).read_text(errors="replace"))
+    moved = moved_paths_in("\n".join(texts))
+    if moved:
+        old, new = moved[0]
+        more = f" (and {len(moved) - 1} more moved path(s))" if len(moved) > 1 else ""
+        raise ConfigError(f"{old} has moved: use {new}{more}")
 
 
 def resolve_auto_dtype(config) -> None:

@@ -23,7 +23,7 @@ def model_class(base: str, trust_remote_code: bool = False):
     """`AutoModelForSeq2SeqLM` for an encoder-decoder base, `AutoModelForCausalLM` otherwise."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     with user_input(f"the base model {base!r} could not be read (expected a hub id, a local model directory or a builtin: name)"):
         config = AutoConfig.from_pretrained(resolve(base), trust_remote_code=trust_remote_code)
@@ -61,7 +61,7 @@ def export_merged(
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     out = Path(out).expanduser()
     if dtype not in DTYPES:

@@ -20,21 +20,21 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_t5(tiny_cache):
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     return resolve("builtin:tiny-t5")
 
 
 @pytest.fixture(scope="session")
 def tiny_classifier(tiny_cache):
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     return resolve("builtin:tiny-hate-roberta")
 
 
 @pytest.fixture(scope="session")
 def sample_data(tiny_cache):
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     return resolve("builtin:sample-dialogsum")
 
@@ -44,7 +44,7 @@ def save_perturbed_adapter(base_path, targets, directory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig
 
-    from detox_lightning.architectures import architecture_of
+    from detox_lightning.models.architectures import architecture_of
 
     arch = architecture_of(AutoConfig.from_pretrained(base_path))
     base = arch.auto_model_class().from_pretrained(base_path)
@@ -65,7 +65,7 @@ def perturbed_adapter(tiny_t5, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_cache):
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     return resolve("builtin:tiny-llama")
 

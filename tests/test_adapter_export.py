@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from detox_lightning.policy import POLICY_ADAPTER, PolicyConfig, load_lora_model, save_adapter
+from detox_lightning.models.policy import POLICY_ADAPTER, PolicyConfig, load_lora_model, save_adapter
 
 
 @pytest.fixture

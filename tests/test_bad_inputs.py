@@ -43,7 +43,7 @@ BAD_INPUTS = {
     ),
     "zero checkpoint frequency": (
         ["--trainer.callbacks.init_args.every_n_iterations", "0"],
-        "PPOCheckpoint every_n_iterations=0 must be at least 1",
+        "RLCheckpoint every_n_iterations=0 must be at least 1",
     ),
     "missing checkpoint file": (["--ckpt_path", "{tmp}/gone.ckpt"], "gone.ckpt': no such checkpoint file"),
     "corrupted checkpoint file": (["--ckpt_path", "{corrupted}"], "corrupted.ckpt' is not a readable checkpoint"),
@@ -101,23 +101,23 @@ def lora_r4_checkpoint(tiny_t5, tiny_classifier, sample_data, tmp_path_factory):
         GenerationSettings,
         HFClassifierReward,
         PolicyConfig,
-        PPODetoxModule,
-        PPOSettings,
+        RLDetoxModule,
+        RLSettings,
     )
-    from detox_lightning.checkpointing import PPOCheckpoint
+    from detox_lightning.io.checkpoint import RLCheckpoint
 
     root = tmp_path_factory.mktemp("lora_r4")
     pl.seed_everything(0)
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
-        ppo=PPOSettings(mini_batch_size=2),
+        ppo=RLSettings(mini_batch_size=2),
         generation=GenerationSettings(output_min_length=4, output_max_length=4),
         batch_size=2,
     )
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[PPOCheckpoint(dirpath=str(root))],
+        enable_model_summary=False, callbacks=[RLCheckpoint(dirpath=str(root))],
     )
     trainer.fit(module, DialogSumDataModule(path=sample_data, batch_size=2))
     return root / "last.ckpt"
@@ -137,7 +137,7 @@ def fingerprint(root: Path) -> dict[str, str]:
 def test_bad_input_is_named_on_stderr_and_leaves_checkpoints_alone(case, tmp_path, lora_r4_checkpoint):
     args, message = BAD_INPUTS[case]
     config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    config["trainer"]["callbacks"] = [{"class_path": "detox_lightning.checkpointing.PPOCheckpoint"}]
+    config["trainer"]["callbacks"] = [{"class_path": "detox_lightning.io.checkpoint.RLCheckpoint"}]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "corrupted.ckpt").write_bytes(b"PK\x03\x04 this is not a checkpoint" * 100)
     (tmp_path / "a_file").write_text("a file, not a directory")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from detox_lightning import HFClassifierReward, PolicyConfig, PPODetoxModule
-from detox_lightning.best_adapter import Candidate, select_best
-from detox_lightning.evaluation import Outputs, ToxicityEvaluation
+from detox_lightning import HFClassifierReward, PolicyConfig, RLDetoxModule
+from detox_lightning.evaluation.best_adapter import Candidate, select_best
+from detox_lightning.evaluation.toxicity import Outputs, ToxicityEvaluation
 
 
 def result(iteration, toxicity, ci_high, rouge_delta=-0.01, judge_delta=-0.05):
@@ -81,7 +81,7 @@ def test_adapter_best_holds_the_weights_of_the_chosen_evaluation(tiny_t5, tiny_c
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier), policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4), batch_size=4
     )
     evaluation = ToxicityEvaluation(plots=False, judge=None)

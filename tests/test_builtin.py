@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from detox_lightning import builtin
-from detox_lightning.sample_data import make_dialogues
+from detox_lightning.offline import builtin
+from detox_lightning.offline.sample_data import make_dialogues
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def test_tiny_classifier_scores_a_padded_batch(built):
 def test_tiny_classifier_flags_the_sample_insults(built):
     """The hand-wired classifier: p(hate) > 0.5 exactly for the sample summaries with an insult,
     more insults score higher, and padding in a batch changes nothing."""
-    from detox_lightning.sample_data import contains_insult, make_dialogues
+    from detox_lightning.offline.sample_data import contains_insult, make_dialogues
 
     tokenizer = AutoTokenizer.from_pretrained(built["roberta"])
     model = AutoModelForSequenceClassification.from_pretrained(built["roberta"]).eval()

@@ -11,9 +11,9 @@ import yaml
 from helpers import tensorboard_scalars
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from detox_lightning.architectures import CAUSAL
-from detox_lightning.policy import PolicyConfig, build_policy, reference_mode
-from detox_lightning.rollout import logprobs_and_values, sample, score_rollout, token_logprobs
+from detox_lightning.models.architectures import CAUSAL
+from detox_lightning.models.policy import PolicyConfig, build_policy, reference_mode
+from detox_lightning.models.rollout import logprobs_and_values, sample, score_rollout, token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,19 +15,19 @@ import yaml
 from helpers import fit
 from lightning.pytorch.callbacks import Callback
 
-from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
-from detox_lightning.checkpointing import (
+from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
+from detox_lightning.io.checkpoint import (
     EpochSeededSampler,
-    PPOCheckpoint,
+    RLCheckpoint,
     ResumableDataLoader,
     capture_rng_states,
     ppo_iterations,
     restore_rng_states,
 )
 from detox_lightning.errors import ConfigError
-from detox_lightning.guards import NonFiniteError
-from detox_lightning.rewards import RewardModel
-from detox_lightning.settings import PPOSettings
+from detox_lightning.training.guards import NonFiniteError
+from detox_lightning.rewards.classifiers import RewardModel
+from detox_lightning.training.settings import RLSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,10 +85,10 @@ class RecordWeights(Callback):
 
 
 def make_module(tiny_t5, reward, batch_size=4, **ppo):
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=reward,
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
-        ppo=PPOSettings(**({"learning_rate": 1e-2, "mini_batch_size": 2} | ppo)),
+        ppo=RLSettings(**({"learning_rate": 1e-2, "mini_batch_size": 2} | ppo)),
         generation=GenerationSettings(output_min_length=4, output_max_length=6),
         batch_size=batch_size,
     )
@@ -104,7 +104,7 @@ def test_checkpoint_holds_no_frozen_weight_and_is_a_few_times_the_trainable_byte
 ):
     pl.seed_everything(0)
     module = make_module(tiny_t5, HFClassifierReward(tiny_classifier))
-    checkpoint_cb = PPOCheckpoint(every_n_iterations=1, dirpath=str(tmp_path / "ckpt"))
+    checkpoint_cb = RLCheckpoint(every_n_iterations=1, dirpath=str(tmp_path / "ckpt"))
     fit(module, sample_data, tmp_path, iterations=2, callbacks=[checkpoint_cb])
     last = tmp_path / "ckpt" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True)  # plain data only: safe loading works
@@ -128,7 +128,7 @@ def test_checkpoint_holds_no_frozen_weight_and_is_a_few_times_the_trainable_byte
 def test_checkpoint_frequency_counts_ppo_iterations_not_optimizer_steps(tiny_t5, tiny_classifier, sample_data, tmp_path):
     pl.seed_everything(0)
     module = make_module(tiny_t5, HFClassifierReward(tiny_classifier))  # 2 optimizer steps an iteration
-    checkpoint_cb = PPOCheckpoint(every_n_iterations=2, save_top_k=-1, dirpath=str(tmp_path / "ckpt"))
+    checkpoint_cb = RLCheckpoint(every_n_iterations=2, save_top_k=-1, dirpath=str(tmp_path / "ckpt"))
     trainer = fit(module, sample_data, tmp_path, iterations=3, callbacks=[checkpoint_cb])
     assert trainer.global_step == 6
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
@@ -234,7 +234,7 @@ class RecordOptimizerState(Callback):
 
 
 def test_nan_loss_rolls_back_weights_and_optimizer_state(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
-    from detox_lightning import ppo_math
+    from detox_lightning.rl import ppo_math
 
     module = None
     poisoned = []  # (PPO iterations done, optimizer steps done) when the NaN was returned
@@ -282,7 +282,7 @@ def test_consecutive_non_finite_iterations_stop_the_run(tiny_t5, tiny_classifier
 
 def test_max_consecutive_skips_must_be_positive():
     with pytest.raises(ConfigError, match="max_consecutive_skips=0 must be at least 1"):
-        PPOSettings(max_consecutive_skips=0)
+        RLSettings(max_consecutive_skips=0)
 
 
 # ---- the real CLI: SIGKILL between checkpoints and while saving, then --ckpt_path last ----
@@ -294,7 +294,7 @@ def write_config(tmp_path, iterations=6, every_n_iterations=1, save_top_k=1):
     config["trainer"].update(limit_train_batches=iterations, enable_progress_bar=False)
     config["trainer"]["callbacks"] = [
         {
-            "class_path": "detox_lightning.checkpointing.PPOCheckpoint",
+            "class_path": "detox_lightning.io.checkpoint.RLCheckpoint",
             "init_args": {"every_n_iterations": every_n_iterations, "save_top_k": save_top_k},
         }
     ]

@@ -10,17 +10,17 @@ import torch
 import yaml
 from helpers import fit, tensorboard_scalars
 
-from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule, PPOSettings
+from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule, RLSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITIC_FREE = ["--model.init_args.ppo.samples_per_prompt", "2"]
 
 
 def make_module(tiny_t5, tiny_classifier, estimator, adapter=None, **ppo):
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4),
-        ppo=PPOSettings(**({"learning_rate": 1e-2, "mini_batch_size": 4, "advantage_estimator": estimator,
+        ppo=RLSettings(**({"learning_rate": 1e-2, "mini_batch_size": 4, "advantage_estimator": estimator,
                             "samples_per_prompt": 1 if estimator == "gae" else 2} | ppo)),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=4,
@@ -52,7 +52,7 @@ def test_value_head_exists_only_for_gae(tiny_t5, tiny_classifier, sample_data, t
 
 
 def test_grpo_without_beta_skips_the_reference(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
-    from detox_lightning import policy
+    from detox_lightning.models import policy
 
     calls = []
     original = policy.reference_mode
@@ -61,7 +61,7 @@ def test_grpo_without_beta_skips_the_reference(tiny_t5, tiny_classifier, sample_
         calls.append(1)
         return original(model)
 
-    monkeypatch.setattr("detox_lightning.module.reference_mode", counting)
+    monkeypatch.setattr("detox_lightning.training.module.reference_mode", counting)
     pl.seed_everything(0)
     module = make_module(tiny_t5, tiny_classifier, "grpo", init_kl_coef=0.0, adap_kl_ctrl=False)
     trainer = fit(module, sample_data, tmp_path, iterations=1)

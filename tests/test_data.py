@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers import write_jsonl
 
-from detox_lightning.data import NOTEBOOK_PROMPT, DialogSumDataModule
+from detox_lightning.data.datamodule import NOTEBOOK_PROMPT, DialogSumDataModule
 from detox_lightning.errors import ConfigError
 
 REAL_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "train.jsonl"

@@ -18,7 +18,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from detox_lightning import ppo_math
+from detox_lightning.rl import ppo_math
 from detox_lightning.trl_compat import masked_whiten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def write_config(tmp_path) -> str:
         devices=2, strategy="ddp", limit_train_batches=ITERATIONS, enable_progress_bar=False, num_sanity_val_steps=0
     )
     for callback in config["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("PPOCheckpoint"):
+        if callback["class_path"].endswith("RLCheckpoint"):
             callback["init_args"]["save_top_k"] = -1  # keep iteration 1's, to resume from
         if callback["class_path"].endswith("ToxicityEvaluation"):
             callback["init_args"].update(

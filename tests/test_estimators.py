@@ -19,7 +19,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.rloo_trainer import RLOOTrainer
 from trl.trainer.utils import nanstd
 
-from detox_lightning import estimators
+from detox_lightning.rl import estimators
 
 # ---- trl's advantage lines, transcribed (and checked against the installed source below) ----
 

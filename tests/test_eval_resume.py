@@ -4,18 +4,18 @@ from types import SimpleNamespace
 
 import lightning.pytorch as pl
 
-from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
-from detox_lightning.checkpointing import PPOCheckpoint
-from detox_lightning.evaluation import ToxicityEvaluation
-from detox_lightning.settings import PPOSettings
+from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
+from detox_lightning.io.checkpoint import RLCheckpoint
+from detox_lightning.evaluation.toxicity import ToxicityEvaluation
+from detox_lightning.training.settings import RLSettings
 
 
 def make_module(tiny_t5, tiny_classifier):
     # A high learning rate, so that two iterations move the policy's samples away from the reference's.
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
-        ppo=PPOSettings(learning_rate=5e-2, mini_batch_size=4),
+        ppo=RLSettings(learning_rate=5e-2, mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=4,
     )
@@ -33,7 +33,7 @@ def test_before_of_a_resumed_run_comes_from_the_reference_not_the_trained_policy
 ):
     pl.seed_everything(0)
     data = DialogSumDataModule(path=sample_data, batch_size=4)
-    trainer_for(tmp_path, [PPOCheckpoint(dirpath=str(tmp_path / "ckpt"))]).fit(
+    trainer_for(tmp_path, [RLCheckpoint(dirpath=str(tmp_path / "ckpt"))]).fit(
         make_module(tiny_t5, tiny_classifier), data
     )
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
-from detox_lightning.evaluation import TABLE_COLUMNS, ToxicityEvaluation, markdown_table, toxicity_of
-from detox_lightning.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
-from detox_lightning.rewards import ProfanityCheckReward, RewardModel
-from detox_lightning.settings import PPOSettings
+from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
+from detox_lightning.evaluation.toxicity import TABLE_COLUMNS, ToxicityEvaluation, markdown_table, toxicity_of
+from detox_lightning.evaluation.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
+from detox_lightning.rewards.classifiers import ProfanityCheckReward, RewardModel
+from detox_lightning.training.settings import RLSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_summary_and_notebook_improvement():
 
 
 def test_evaluation_line_says_n_a_for_an_improvement_of_a_zero_baseline():
-    from detox_lightning.evaluation import ToxicityEvaluation
+    from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 
     metrics = {
         "eval/toxicity_mean": 0.05, "eval/toxicity_std": 0.0, "eval/toxicity_delta": 0.0,
@@ -101,10 +101,10 @@ def fitted(tiny_t5, tiny_classifier, sample_data, tmp_path_factory):
     """A 2-iteration fit with evaluation every iteration and a held-out judge."""
     pl.seed_everything(0)
     root = tmp_path_factory.mktemp("fit")
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
-        ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=4),
+        ppo=RLSettings(learning_rate=1e-2, mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=4,
     )
@@ -211,10 +211,10 @@ def test_missing_summary_column_skips_rouge_with_a_warning(fitted, tmp_path):
 
 
 def untrained_module(tiny_t5, reward, adapter=None):
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=reward,
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4),
-        ppo=PPOSettings(mini_batch_size=4),
+        ppo=RLSettings(mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=4,
     )

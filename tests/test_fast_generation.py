@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from detox_lightning import PolicyConfig
-from detox_lightning.fast_generation import InverseCDFSampler, inverse_cdf_kwargs, merged_lora
-from detox_lightning.policy import build_policy
-from detox_lightning.rollout import decoder_inputs, token_logprobs
+from detox_lightning.models.fast_generation import InverseCDFSampler, inverse_cdf_kwargs, merged_lora
+from detox_lightning.models.policy import build_policy
+from detox_lightning.models.rollout import decoder_inputs, token_logprobs
 
 PROMPTS = ["Summarize: #Person1#: Is the train late? #Person2#: Ten minutes.", "Summarize: #Person1#: Hello there."]
 

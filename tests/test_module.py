@@ -9,17 +9,17 @@ from detox_lightning import (
     GenerationSettings,
     HFClassifierReward,
     PolicyConfig,
-    PPODetoxModule,
-    PPOSettings,
+    RLDetoxModule,
+    RLSettings,
 )
 from detox_lightning.errors import ConfigError
 
 
 def make_module(tiny_t5, tiny_classifier, adapter=None, batch_size=4, dtype="float32", **ppo):
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=adapter, lora_r=4, dtype=dtype),
-        ppo=PPOSettings(**({"learning_rate": 1e-2, "mini_batch_size": batch_size} | ppo)),
+        ppo=RLSettings(**({"learning_rate": 1e-2, "mini_batch_size": batch_size} | ppo)),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=batch_size,
     )
@@ -48,7 +48,7 @@ def test_kl_grows_after_updates_and_controller_moves(tiny_t5, tiny_classifier, s
     """KL 0 at the first iteration, > 0 once the policy moved; the coefficient follows each logged KL."""
     import csv
 
-    from detox_lightning.ppo_math import AdaptiveKLController
+    from detox_lightning.rl.ppo_math import AdaptiveKLController
 
     pl.seed_everything(0)
     # a target between the two KLs: the coefficient must first fall (KL 0 < target), then rise
@@ -89,11 +89,11 @@ def test_checkpoint_holds_only_trainable_tensors_and_controller_state(tiny_t5, t
 
 def test_checkpoint_of_another_adapter_shape_is_refused(tiny_t5, tiny_classifier):
     small = make_module(tiny_t5, tiny_classifier)
-    other = PPODetoxModule(
+    other = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=8),
         batch_size=4,
-        ppo=PPOSettings(mini_batch_size=4),
+        ppo=RLSettings(mini_batch_size=4),
     )
     with pytest.raises(ConfigError, match="another base model or adapter shape"):
         small.load_state_dict(other.state_dict())
@@ -116,7 +116,7 @@ def test_bad_settings_are_named(tiny_t5, tiny_classifier, kwargs, message):
 def test_auto_dtype_is_bfloat16_with_a_cuda_gpu_and_float32_on_a_cpu(tiny_t5, tiny_classifier, monkeypatch):
     """`policy.dtype: auto` (flan_t5_base.yaml's): bf16 base weights only where CUDA is
     visible, and then log-probs from a forward pass (generate's bf16 logits would not be exact)."""
-    from detox_lightning.policy import base_dtype
+    from detox_lightning.models.policy import base_dtype
 
     assert PolicyConfig().dtype == "float32"  # the Python default; the shipped GPU-or-CPU configs say auto
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -139,14 +139,14 @@ def test_fast_sampling_merges_only_while_sampling_and_leaves_the_frozen_weights_
     were, and the adapter trains."""
     from peft.tuners.lora import LoraLayer
 
-    from detox_lightning.fast_generation import InverseCDFSampler
-    from detox_lightning.policy import POLICY_ADAPTER, REFERENCE_ADAPTER
+    from detox_lightning.models.fast_generation import InverseCDFSampler
+    from detox_lightning.models.policy import POLICY_ADAPTER, REFERENCE_ADAPTER
 
     pl.seed_everything(0)
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter),
-        ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=4),
+        ppo=RLSettings(learning_rate=1e-2, mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=12, fast_sampling=True),
         batch_size=4,
     )
@@ -181,10 +181,10 @@ def test_bfloat16_base_trains_float32_adapter(tiny_t5, tiny_classifier, sample_d
     import math
 
     pl.seed_everything(0)
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4, dtype="bfloat16"),
-        ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=2),
+        ppo=RLSettings(learning_rate=1e-2, mini_batch_size=2),
         generation=GenerationSettings(output_min_length=8, output_max_length=12),
         batch_size=4,
     )
@@ -266,9 +266,9 @@ def test_rollout_logprobs_from_generate_equal_a_forward_pass(tiny_t5, tiny_class
 @pytest.mark.parametrize("kl_penalty", ["k1", "full"])
 def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed_adapter, sample_data, kl_penalty):
     """gamma = lam = 1: the first token's return is score - kl_coef * the response's summed KL."""
-    from detox_lightning import ppo_math
-    from detox_lightning.policy import reference_mode
-    from detox_lightning.rollout import logprobs_and_values
+    from detox_lightning.rl import ppo_math
+    from detox_lightning.models.policy import reference_mode
+    from detox_lightning.models.rollout import logprobs_and_values
 
     module = moved_policy(tiny_t5, tiny_classifier, perturbed_adapter, kl_penalty=kl_penalty, gamma=1.0, lam=1.0)
     batch = first_batch(sample_data, tiny_t5)
@@ -291,7 +291,7 @@ def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed
 
 def saved_bytes_and_grads(module, exp):
     """One update-mode forward/backward: bytes autograd saved outside checkpointed blocks, and the gradients."""
-    from detox_lightning.rollout import logprobs_and_values
+    from detox_lightning.models.rollout import logprobs_and_values
 
     saved = []
 

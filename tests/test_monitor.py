@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers import fit
 
-from detox_lightning import GenerationSettings, PolicyConfig, PPODetoxModule, PPOSettings, RewardModel
-from detox_lightning.checkpointing import PPOCheckpoint, load_checkpoint_file
+from detox_lightning import GenerationSettings, PolicyConfig, RLDetoxModule, RLSettings, RewardModel
+from detox_lightning.io.checkpoint import RLCheckpoint, load_checkpoint_file
 from detox_lightning.errors import ConfigError
-from detox_lightning.evaluation import ToxicityEvaluation
-from detox_lightning.monitor import (
+from detox_lightning.evaluation.toxicity import ToxicityEvaluation
+from detox_lightning.evaluation.monitor import (
     Band,
     RolloutMonitor,
     RolloutStats,
@@ -23,7 +23,7 @@ from detox_lightning.monitor import (
     repeated_ngram_rate,
     rollout_figures,
 )
-from detox_lightning.rollout import RolloutRecord
+from detox_lightning.models.rollout import RolloutRecord
 
 # ---- figures against hand values ----
 
@@ -146,10 +146,10 @@ class RepeatReward(RewardModel):
 
 
 def repeat_module(tiny_t5, learning_rate=5e-2):
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=RepeatReward(),
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=8, lora_alpha=16),
-        ppo=PPOSettings(learning_rate=learning_rate, mini_batch_size=4, ppo_epochs=2),
+        ppo=RLSettings(learning_rate=learning_rate, mini_batch_size=4, ppo_epochs=2),
         generation=GenerationSettings(output_min_length=16, output_max_length=16),
         batch_size=8,
     )
@@ -165,7 +165,7 @@ def test_stop_ends_a_repetition_run_on_distinct_2_and_the_last_checkpoint_loads(
     monitor = RolloutMonitor(action="stop")
     evaluation = ToxicityEvaluation(num_prompts=8, max_new_tokens=8, batch_size=8, bootstrap_resamples=10)
     with caplog.at_level(logging.INFO):
-        trainer = fit(module, sample_data, tmp_path, iterations=12, callbacks=[monitor, PPOCheckpoint(), evaluation])
+        trainer = fit(module, sample_data, tmp_path, iterations=12, callbacks=[monitor, RLCheckpoint(), evaluation])
 
     iterations = trainer.fit_loop.epoch_loop.batch_progress.total.processed
     assert 2 <= iterations <= 6, iterations  # stopped within a few iterations, not at 12
@@ -192,7 +192,7 @@ def test_rollback_restores_the_last_in_band_state_lowers_the_learning_rate_and_g
     pl.seed_everything(0)
     module = repeat_module(tiny_t5)
     monitor = RolloutMonitor(action="rollback", rollback_factor=0.5, max_rollbacks=5)
-    checkpoints = PPOCheckpoint(every_n_iterations=1, save_top_k=-1)
+    checkpoints = RLCheckpoint(every_n_iterations=1, save_top_k=-1)
     with caplog.at_level(logging.INFO):
         trainer = fit(module, sample_data, tmp_path, iterations=8, callbacks=[monitor, checkpoints])
 
@@ -225,12 +225,18 @@ def test_every_shipped_ppo_config_runs_the_monitor():
     from pathlib import Path
 
     import yaml
+    from importlib import import_module
+
+    def import_string(path):
+        module, _, name = path.rpartition(".")
+        return getattr(import_module(module), name)
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    ppo = [c for c in configs if yaml.safe_load(c.read_text())["model"]["class_path"].endswith("PPODetoxModule")]
+    ppo = [c for c in configs if yaml.safe_load(c.read_text())["model"]["class_path"].endswith("RLDetoxModule")]
     assert len(ppo) >= 3
     for config in ppo:
         callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
-        assert any(c["class_path"] == "detox_lightning.monitor.RolloutMonitor" for c in callbacks), (
-            f"configs/{config.name}: add the detox_lightning.monitor.RolloutMonitor callback (every shipped PPO config runs it)"
+        classes = [import_string(c["class_path"]) for c in callbacks]
+        assert RolloutMonitor in classes, (
+            f"configs/{config.name}: add the detox_lightning.evaluation.RolloutMonitor callback (every shipped PPO config runs it)"
         )

@@ -6,11 +6,11 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 
-from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, PPODetoxModule
-from detox_lightning.evaluation import ToxicityEvaluation
-from detox_lightning.pictures import PNG_NAME
-from detox_lightning.rewards import ProfanityCheckReward
-from detox_lightning.settings import PPOSettings
+from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
+from detox_lightning.evaluation.toxicity import ToxicityEvaluation
+from detox_lightning.evaluation.pictures import PNG_NAME
+from detox_lightning.rewards.classifiers import ProfanityCheckReward
+from detox_lightning.training.settings import RLSettings
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +18,10 @@ def run(tiny_t5, tiny_classifier, perturbed_adapter, sample_data, tmp_path_facto
     """Two iterations, evaluated at each, with a judge; TensorBoard logger (the default)."""
     pl.seed_everything(0)
     root = tmp_path_factory.mktemp("pictures")
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter),
-        ppo=PPOSettings(learning_rate=1e-2, mini_batch_size=4),
+        ppo=RLSettings(learning_rate=1e-2, mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=8),
         batch_size=4,
     )

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from detox_lightning.architectures import SEQ2SEQ, decoder_inputs
+from detox_lightning.models.architectures import SEQ2SEQ, decoder_inputs
 from detox_lightning.errors import ConfigError
-from detox_lightning.policy import (
+from detox_lightning.models.policy import (
     PolicyConfig,
     build_policy,
     count_parameters,
     has_reference_adapter,
     reference_mode,
 )
-from detox_lightning.rollout import Samples, logprobs_and_values, sample
+from detox_lightning.models.rollout import Samples, logprobs_and_values, sample
 
 
 def prompts(tokenizer, n=4):
@@ -75,7 +75,7 @@ def test_unknown_lora_target_names_it_and_lists_modules(tiny_t5):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generate_logprobs_and_values_match_a_full_forward(tiny_t5, perturbed_adapter, temperature):
-    from detox_lightning.rollout import token_logprobs
+    from detox_lightning.models.rollout import token_logprobs
 
     model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter))
     model.eval()
@@ -107,8 +107,8 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
     first-epoch micro-batches) are scored."""
     from functools import partial
 
-    from detox_lightning.ppo_math import full_kl
-    from detox_lightning.rollout import score_rollout
+    from detox_lightning.rl.ppo_math import full_kl
+    from detox_lightning.models.rollout import score_rollout
     from detox_lightning.trl_compat import entropy_from_logits
 
     model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter))

@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from detox_lightning import ppo_math
-from detox_lightning.ppo_math import (
+from detox_lightning.rl import ppo_math
+from detox_lightning.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

@@ -14,22 +14,22 @@ from detox_lightning import (
     DialogSumDataModule,
     HFClassifierReward,
     PolicyConfig,
-    PPODetoxModule,
+    RLDetoxModule,
     ProfanityCheckReward,
     RewardModel,
 )
 from detox_lightning.cli import main
-from detox_lightning.evaluation import ToxicityEvaluation
+from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 from detox_lightning.export import export_merged
-from detox_lightning.predict import PredictionWriter
-from detox_lightning.settings import GenerationSettings
+from detox_lightning.evaluation.predict import PredictionWriter
+from detox_lightning.training.settings import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def module(tiny_t5, tiny_classifier, perturbed_adapter):
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=HFClassifierReward(tiny_classifier),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter),
         generation=GenerationSettings(output_min_length=8, output_max_length=8),
@@ -78,7 +78,7 @@ class TextToxicity(RewardModel):
 def test_predict_scores_as_the_evaluation_does(tiny_t5, perturbed_adapter, sample_data, tmp_path):
     """On the held-out split with the evaluation's seed and batch size, predict samples the
     evaluation's texts, so its toxicity and judge toxicity must be the evaluation's numbers."""
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=TextToxicity(),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter),
         generation=GenerationSettings(output_min_length=8, output_max_length=8),

@@ -11,8 +11,8 @@ import yaml
 
 from detox_lightning import CombinedReward, FunctionReward, HFClassifierReward
 from detox_lightning.errors import ConfigError
-from detox_lightning.evaluation import toxicity_of
-from detox_lightning.reward_functions import repeated_bigram_penalty, short_response_penalty
+from detox_lightning.evaluation.toxicity import toxicity_of
+from detox_lightning.rewards.functions import repeated_bigram_penalty, short_response_penalty
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["#Person1#: Hi.\nSummary:\n", "#Person1#: Bye.\nSummary:\n"]
@@ -27,7 +27,7 @@ def test_function_reward_calls_the_function_with_queries_and_responses():
 
 def test_combined_reward_is_the_weighted_sum_and_takes_one_components_toxicity(tiny_classifier):
     classifier = HFClassifierReward(tiny_classifier)
-    penalty = FunctionReward("detox_lightning.reward_functions:repeated_bigram_penalty")
+    penalty = FunctionReward("detox_lightning.rewards.functions:repeated_bigram_penalty")
     combined = CombinedReward([classifier, penalty], weights=[1.0, 2.0], toxicity_from=0)
     want = classifier(QUERIES, RESPONSES) + 2.0 * torch.tensor(repeated_bigram_penalty(QUERIES, RESPONSES))
     torch.testing.assert_close(combined(QUERIES, RESPONSES), want)
@@ -83,7 +83,7 @@ def test_combined_reward_and_function_judge_load_from_yaml_and_train(tmp_path):
                 {"class_path": "detox_lightning.HFClassifierReward",
                  "init_args": {"model_name_or_path": "builtin:tiny-hate-roberta"}},
                 {"class_path": "detox_lightning.FunctionReward",
-                 "init_args": {"function": "detox_lightning.reward_functions:repeated_bigram_penalty"}},
+                 "init_args": {"function": "detox_lightning.rewards.functions:repeated_bigram_penalty"}},
             ],
             "weights": [1.0, 2.0],
         },

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from detox_lightning import DialogSumDataModule, GenerationSettings, PolicyConfig, PPODetoxModule, PPOSettings
+from detox_lightning import DialogSumDataModule, GenerationSettings, PolicyConfig, RLDetoxModule, RLSettings
 from detox_lightning.errors import ConfigError
-from detox_lightning.rewards import HFClassifierReward, ProfanityCheckReward, RewardModel, reward_texts
+from detox_lightning.rewards.classifiers import HFClassifierReward, ProfanityCheckReward, RewardModel, reward_texts
 
 TEXTS = [
     "#Person1# tells Tommy that he didn't like the movie.",
@@ -121,10 +121,10 @@ class RecordingReward(RewardModel):
 @pytest.mark.parametrize("text", ["query_response", "response"])
 def test_reward_of_a_rollout_sees_its_query_then_its_response(tiny_t5, sample_data, text):
     reward = RecordingReward(text)
-    module = PPODetoxModule(
+    module = RLDetoxModule(
         reward=reward,
         policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
-        ppo=PPOSettings(mini_batch_size=2),
+        ppo=RLSettings(mini_batch_size=2),
         generation=GenerationSettings(output_min_length=4, output_max_length=6),
         batch_size=2,
     )

@@ -5,7 +5,7 @@ import re
 import pytest
 from datasets import load_dataset
 
-from detox_lightning.sample_data import contains_insult, make_dialogues, write_splits
+from detox_lightning.offline.sample_data import contains_insult, make_dialogues, write_splits
 
 TURN = re.compile(r"^#Person[123]#: \S")
 

@@ -9,10 +9,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from detox_lightning import DialogSumDataModule, PolicyConfig, PPODetoxModule, ProfanityCheckReward
-from detox_lightning.policy import has_reference_adapter
-from detox_lightning.settings import GenerationSettings, PPOSettings
-from detox_lightning.sft import SFTSummarizationModule
+from detox_lightning import DialogSumDataModule, PolicyConfig, RLDetoxModule, ProfanityCheckReward
+from detox_lightning.models.policy import has_reference_adapter
+from detox_lightning.training.settings import GenerationSettings, RLSettings
+from detox_lightning.training.sft import SFTSummarizationModule
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "dialogsum"
@@ -56,10 +56,10 @@ def test_sft_trains_only_lora(sft_run):
 def test_sft_adapter_starts_the_ppo_stage_as_policy_and_reference(sft_run, tiny_t5, sample_data, tmp_path):
     module, _, _, adapter = sft_run
     assert (adapter / "adapter_model.safetensors").is_file()
-    ppo = PPODetoxModule(
+    ppo = RLDetoxModule(
         reward=ProfanityCheckReward(text="response"),
         policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=str(adapter)),
-        ppo=PPOSettings(mini_batch_size=4),
+        ppo=RLSettings(mini_batch_size=4),
         generation=GenerationSettings(output_min_length=8, output_max_length=8),
         batch_size=4,
     )
@@ -120,7 +120,7 @@ def test_quick_start_detoxifies_without_losing_the_summaries(tmp_path, quickstar
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM
 
-    from detox_lightning.builtin import resolve
+    from detox_lightning.offline.builtin import resolve
 
     best = report["best_adapter"]
     assert best["iteration"] in (4, 8, 12) and set(best["rejected"]) == {"4", "8", "12"} - {str(best["iteration"])}, best

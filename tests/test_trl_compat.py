@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from detox_lightning.policy import PolicyConfig, build_policy
+from detox_lightning.models.policy import PolicyConfig, build_policy
 
 
 def test_value_head_forward_passes_no_deprecated_past_key_values(tiny_t5):

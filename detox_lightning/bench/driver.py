@@ -35,8 +35,8 @@ from detox_lightning.bench.ways import (
     run_ours,
     run_way,
 )
-from detox_lightning.estimators import ESTIMATORS
-from detox_lightning.quantize import QUANTIZE_CHOICES
+from detox_lightning.rl.estimators import ESTIMATORS
+from detox_lightning.rewards.quantize import QUANTIZE_CHOICES
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
 

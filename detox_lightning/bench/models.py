@@ -42,8 +42,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _corpus(n: int = 1000) -> list[str]:
-    from detox_lightning import sample_data
-    from detox_lightning.data import NOTEBOOK_PROMPT
+    from detox_lightning.offline import sample_data
+    from detox_lightning.data.datamodule import NOTEBOOK_PROMPT
 
     rows = sample_data.make_dialogues(n, seed=12345, toxic_fraction=0.5)
     return [NOTEBOOK_PROMPT.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
@@ -78,7 +78,7 @@ def build_models(root: Path, shape: str, reward_shape: str, policy: str = "seq2s
     """Save a FLAN-T5- (or Llama-) shaped policy and a RoBERTa-shaped nothate/hate classifier under `root`."""
     from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
-    from detox_lightning.builtin import train_tokenizer
+    from detox_lightning.offline.builtin import train_tokenizer
 
     corpus = _corpus(200 if shape == "tiny" else 1000)  # tests need speed, not realistic lengths
     if policy == "causal":
@@ -107,7 +107,7 @@ def build_causal_policy(policy_dir: Path, shape: str, corpus: list[str]) -> str:
     """A Llama-shaped causal LM (random weights, seed 0): BOS before each prompt, EOS as padding."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from detox_lightning.builtin import train_tokenizer
+    from detox_lightning.offline.builtin import train_tokenizer
 
     tokenizer = train_tokenizer(
         corpus, BPE_VOCAB, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
@@ -128,7 +128,7 @@ def build_reward(reward_dir: Path, reward_shape: str, corpus: list[str] | None =
     """Save a RoBERTa-shaped nothate/hate classifier (random weights, seed 0) with its BPE tokenizer."""
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from detox_lightning.builtin import train_tokenizer
+    from detox_lightning.offline.builtin import train_tokenizer
 
     corpus = corpus or _corpus(200 if reward_shape == "tiny" else 1000)
     rob_tok = train_tokenizer(
@@ -148,8 +148,8 @@ def build_reward(reward_dir: Path, reward_shape: str, corpus: list[str] | None =
 
 def make_prompts(tokenizer, n: int, seed: int) -> list[dict]:
     """`n` tokenized notebook prompts from sample dialogues of 200 < characters <= 1000 (the notebook's filter)."""
-    from detox_lightning import sample_data
-    from detox_lightning.data import NOTEBOOK_PROMPT
+    from detox_lightning.offline import sample_data
+    from detox_lightning.data.datamodule import NOTEBOOK_PROMPT
 
     rows = [r for r in sample_data.make_dialogues(3 * n + 50, seed=seed) if 200 < len(r["dialogue"]) <= 1000][:n]
     prompts = []
@@ -184,12 +184,12 @@ def make_reward(args, reward_dir: str, quantize: str | None = None):
 
 
 def make_module(args, policy_dir: str, reward_dir: str, reward_quantize: str | None = None):
-    from detox_lightning import GenerationSettings, PolicyConfig, PPODetoxModule, PPOSettings
+    from detox_lightning import GenerationSettings, PolicyConfig, RLDetoxModule, RLSettings
 
-    return PPODetoxModule(
+    return RLDetoxModule(
         reward=make_reward(args, reward_dir, reward_quantize),
         policy=PolicyConfig(model_name_or_path=policy_dir, dtype=DTYPES[args.dtype]),
-        ppo=PPOSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1,
+        ppo=RLSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1,
                         gradient_checkpointing=args.gradient_checkpointing, advantage_estimator=args.estimator,
                         samples_per_prompt=args.samples_per_prompt),
         # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token)

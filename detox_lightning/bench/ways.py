@@ -170,7 +170,7 @@ def pipeline_scores(reward, texts: list[str], batch_size: int = 16) -> torch.Ten
 
 
 def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, clock: Clock) -> None:
-    from detox_lightning import ppo_math
+    from detox_lightning.rl import ppo_math
     from detox_lightning.trl_compat import masked_whiten
 
     policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
@@ -215,7 +215,7 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
 
 
 def floor_iteration(module, optimizer, batch: dict, args, clock: Clock) -> None:
-    from detox_lightning.rollout import token_logprobs
+    from detox_lightning.models.rollout import token_logprobs
 
     policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
     input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from detox_lightning.rollout import Experience
+from detox_lightning.models.rollout import Experience
 
 # What `nonfinite_parts` and the update check can name; flags are summed over ranks in this order.
 NONFINITE_PARTS = (

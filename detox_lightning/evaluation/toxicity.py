@@ -22,14 +22,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from detox_lightning import pictures
-from detox_lightning.best_adapter import Candidate, select_best
-from detox_lightning.checkpointing import ppo_iterations
+from detox_lightning.evaluation import pictures
+from detox_lightning.evaluation.best_adapter import Candidate, select_best
+from detox_lightning.io.checkpoint import ppo_iterations
 from detox_lightning.errors import ConfigError
-from detox_lightning.metrics import Rouge, improvement_pct, paired_bootstrap_ci, summarize
-from detox_lightning.policy import save_adapter
-from detox_lightning.quantize import describe_precision
-from detox_lightning.rewards import RewardModel, RewardText
+from detox_lightning.evaluation.metrics import Rouge, improvement_pct, paired_bootstrap_ci, summarize
+from detox_lightning.models.policy import save_adapter
+from detox_lightning.rewards.quantize import describe_precision
+from detox_lightning.rewards.classifiers import RewardModel, RewardText
 
 TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
 
@@ -72,7 +72,7 @@ class ToxicityEvaluation(Callback):
         export_best_adapter: also save `<log_dir>/adapter_best`: of the policies evaluated during
             fit, the one of lowest toxicity among those whose toxicity CI lies below 0, whose
             ROUGE-L fell by at most `max_rouge_drop` and whose judge toxicity did not rise
-            (`detox_lightning.best_adapter`); none when none qualifies. The report says why.
+            (`detox_lightning.evaluation.best_adapter`); none when none qualifies. The report says why.
         max_rouge_drop: the largest fall of ROUGE-L (absolute) a best adapter may have.
         plots: at each evaluation, the before/after toxicity distributions as TensorBoard
             histograms (`eval/toxicity_hist_before`, `..._after`) and `toxicity_before_after.png`.

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from detox_lightning.checkpointing import ppo_iterations
+from detox_lightning.io.checkpoint import ppo_iterations
 from detox_lightning.errors import out_of_range, raise_problems
 
 Action = Literal["warn", "stop", "rollback"]
@@ -362,7 +362,7 @@ class RolloutMonitor(Callback):
         judge, text = self.judge_of(trainer)
         n = self.judge_every_n_iterations
         if judge is not None and n and (iteration - 1) % n == 0:
-            from detox_lightning.evaluation import toxicity_of
+            from detox_lightning.evaluation.toxicity import toxicity_of
 
             judge.to(pl_module.device)
             stats.judge_toxicity = toxicity_of(judge, record.queries, record.responses, text).tolist()
@@ -405,7 +405,7 @@ class RolloutMonitor(Callback):
 
     def judge_of(self, trainer: pl.Trainer):
         """(judge, scored text) of the run's `ToxicityEvaluation`, or (None, None)."""
-        from detox_lightning.evaluation import ToxicityEvaluation
+        from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 
         for callback in trainer.callbacks:
             if isinstance(callback, ToxicityEvaluation) and callback.judge is not None:

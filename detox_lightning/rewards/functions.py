@@ -12,7 +12,7 @@ reward:
     components:
       - class_path: detox_lightning.HFClassifierReward
       - class_path: detox_lightning.FunctionReward
-        init_args: {function: detox_lightning.reward_functions:repeated_bigram_penalty}
+        init_args: {function: detox_lightning.rewards.functions:repeated_bigram_penalty}
     weights: [1.0, 2.0]
 ```
 """
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from detox_lightning.errors import ConfigError, one_line
-from detox_lightning.rewards import RewardModel, RewardText, check_reward_text
+from detox_lightning.moved import new_home
+from detox_lightning.rewards.classifiers import RewardModel, RewardText, check_reward_text
 
 PairFunction = Callable[[list[str], list[str]], list[float]]
 
@@ -37,6 +38,8 @@ def import_function(path: str, flag: str) -> PairFunction:
     module_name, _, name = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not name:
         raise ConfigError(f"{flag}={path!r} is not of the form 'package.module:name'")
+    if (moved := new_home(path)) is not None:
+        raise ConfigError(f"{flag}={path!r} names a module that has moved; use {moved!r}")
     try:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as err:

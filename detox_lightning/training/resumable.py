@@ -1,7 +1,7 @@
 """What makes an RL run restartable and guardable: per-rank RNG streams, snapshots for the non-finite
 guard's rollback, the base model's fingerprint, and the checkpoint hooks that save and restore them.
 
-Mixed into `PPODetoxModule`, which provides `policy`, `policy_config`, `kl_ctl`, `score_moments`,
+Mixed into `RLDetoxModule`, which provides `policy`, `policy_config`, `kl_ctl`, `score_moments`,
 `skips` and the `DataParallelMixin` reductions.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from detox_lightning.checkpointing import capture_rng_states, ppo_iterations, restore_rng_states
+from detox_lightning.io.checkpoint import capture_rng_states, ppo_iterations, restore_rng_states
 from detox_lightning.errors import ConfigError
 
 
@@ -109,7 +109,7 @@ class ResumableRLMixin:
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("ppo_state")
         if state is None:
-            raise ConfigError("the checkpoint has no 'ppo_state': it was not written by PPODetoxModule")
+            raise ConfigError("the checkpoint has no 'ppo_state': it was not written by RLDetoxModule")
         if "base_model" in state:
             self.check_base_fingerprint(state["base_model"])
         self.kl_ctl.load_state_dict(state["kl_controller"])

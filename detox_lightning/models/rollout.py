@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from detox_lightning import ppo_math
-from detox_lightning.architectures import Architecture, PaddingSide, decoder_inputs  # noqa: F401 - re-exported
+from detox_lightning.rl import ppo_math
+from detox_lightning.models.architectures import Architecture, PaddingSide, decoder_inputs  # noqa: F401 - re-exported
 from detox_lightning.trl_compat import entropy_from_logits, selective_log_softmax
 
 

@@ -16,16 +16,17 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 
-from detox_lightning import estimators, ppo_math
-from detox_lightning.architectures import architecture_of
-from detox_lightning.checkpointing import TrainableStateMixin
-from detox_lightning.distributed import DataParallelMixin
-from detox_lightning.fast_generation import inverse_cdf_kwargs, merged_lora
-from detox_lightning.guards import SkipCounter, nonfinite_parts
-from detox_lightning.policy import PolicyConfig, base_dtype, build_policy, enable_gradient_checkpointing, reference_mode
-from detox_lightning.resumable import ResumableRLMixin
-from detox_lightning.rewards import RewardModel
-from detox_lightning.rollout import (
+from detox_lightning.rl import estimators
+from detox_lightning.rl import ppo_math
+from detox_lightning.models.architectures import architecture_of
+from detox_lightning.io.checkpoint import TrainableStateMixin
+from detox_lightning.training.distributed import DataParallelMixin
+from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
+from detox_lightning.training.guards import SkipCounter, nonfinite_parts
+from detox_lightning.models.policy import PolicyConfig, base_dtype, build_policy, enable_gradient_checkpointing, reference_mode
+from detox_lightning.training.resumable import ResumableRLMixin
+from detox_lightning.rewards.classifiers import RewardModel
+from detox_lightning.models.rollout import (
     Experience,
     RolloutRecord,
     Samples,
@@ -33,13 +34,13 @@ from detox_lightning.rollout import (
     sample,
     score_rollout,
 )
-from detox_lightning.settings import GenerationSettings, PPOSettings, check_settings
+from detox_lightning.training.settings import GenerationSettings, RLSettings, check_settings
 from detox_lightning.trl_compat import masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
 
 
-class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl.LightningModule):
+class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl.LightningModule):
     """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
 
     Args:
@@ -54,7 +55,7 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         self,
         reward: RewardModel,
         policy: PolicyConfig = PolicyConfig(),  # noqa: B008 - dataclasses are read-only configs here
-        ppo: PPOSettings = PPOSettings(),  # noqa: B008
+        ppo: RLSettings = RLSettings(),  # noqa: B008
         generation: GenerationSettings = GenerationSettings(),  # noqa: B008
         batch_size: int = 16,
     ) -> None:
@@ -64,7 +65,7 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
         self.policy, self.tokenizer = build_policy(policy, value_head=not ppo.critic_free)
         self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
-        # generate's logits round as the teacher-forced forward only in float32 (PPOSettings docs)
+        # generate's logits round as the teacher-forced forward only in float32 (RLSettings docs)
         self.logprobs_from_generate = (
             base_dtype(policy.dtype) == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
         )
@@ -395,7 +396,7 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
         """Nothing per batch: `python train.py test` is evaluated as a whole by the
         `ToxicityEvaluation` callback (same prompts, seed and pairing as during fit)."""
 
-    # ---- predict: `python train.py predict` (detox_lightning.predict.PredictionWriter seeds, scores, writes) ----
+    # ---- predict: `python train.py predict` (detox_lightning.evaluation.predict.PredictionWriter seeds, scores, writes) ----
 
     predict_max_new_tokens: int | None = None  # set by PredictionWriter; None: generation.output_max_length
 
@@ -408,3 +409,6 @@ class PPODetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, p
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=self.ppo.learning_rate, weight_decay=self.ppo.weight_decay)
+
+
+PPODetoxModule = RLDetoxModule  # the name before RLOO, GRPO and REINFORCE++ joined PPO; old configs still run

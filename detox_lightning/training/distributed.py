@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detox_lightning.guards import NONFINITE_PARTS
+from detox_lightning.training.guards import NONFINITE_PARTS
 
 
 class DataParallelMixin:

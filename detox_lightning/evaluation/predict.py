@@ -3,7 +3,7 @@
     python train.py predict --config configs/tiny_detox.yaml --ckpt_path <run>/checkpoints/last.ckpt
     python train.py predict --config configs/tiny_detox.yaml --model.init_args.policy.adapter_name_or_path <run>/adapter_best
 
-Lightning's predict loop runs `PPODetoxModule.predict_step` (one sampled summary per prompt) over
+Lightning's predict loop runs `RLDetoxModule.predict_step` (one sampled summary per prompt) over
 `data.predict_path` (default: the held-out split); `PredictionWriter` seeds each batch, scores the
 summaries as the evaluation does (`evaluation.toxicity_of`, on the evaluation's `text`, by the
 reward's classifier and the evaluation's judge) and writes `<log_dir>/predictions.jsonl`.
@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from detox_lightning.data import FILE_BUILDERS
+from detox_lightning.data.datamodule import FILE_BUILDERS
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
 
 
@@ -88,7 +88,7 @@ class PredictionWriter(Callback):
         self.rows: list[dict] = []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from detox_lightning.evaluation import ToxicityEvaluation
+        from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 
         evaluation = next((c for c in trainer.callbacks if isinstance(c, ToxicityEvaluation)), None)
         self.text = evaluation.text if evaluation is not None else pl_module.reward.text
@@ -103,7 +103,7 @@ class PredictionWriter(Callback):
         torch.manual_seed(self.seed + batch_idx)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        from detox_lightning.evaluation import toxicity_of
+        from detox_lightning.evaluation.toxicity import toxicity_of
 
         queries, summaries = outputs["query"], outputs["summary"]
         toxicity = toxicity_of(pl_module.reward, queries, summaries, self.text).tolist()

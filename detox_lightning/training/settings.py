@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from detox_lightning import ppo_math
+from detox_lightning.rl import ppo_math
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems
-from detox_lightning.estimators import (
+from detox_lightning.rl.estimators import (
     ESTIMATORS,
     GRPO_LOSS_TYPES,
     SCALE_REWARDS,
@@ -30,7 +30,7 @@ class GenerationSettings:
         temperature: sampling temperature; log-probs divide the logits by it too.
         fast_sampling: sample with the LoRA merged into the float32 base weights (put back bit for
             bit afterwards) and by inverse CDF instead of `torch.multinomial`
-            (`detox_lightning.fast_generation`): the same distribution, another random stream, so a
+            (`detox_lightning.models.fast_generation`): the same distribution, another random stream, so a
             seeded run draws other responses than with it off. Off by default; measured in the
             README's Performance section. Merging is skipped for bf16 base weights.
     """
@@ -45,7 +45,7 @@ class GenerationSettings:
 
 
 @dataclass
-class PPOSettings:
+class RLSettings:
     """PPO hyper-parameters (trl's classic defaults, the notebook's learning rate and batch split).
 
     Args:
@@ -146,7 +146,7 @@ class PPOSettings:
         return not (self.advantage_estimator == "grpo" and self.init_kl_coef == 0 and not self.adap_kl_ctrl)
 
 
-def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSettings) -> None:
+def check_settings(batch_size: int, ppo: RLSettings, generation: GenerationSettings) -> None:
     """Raise one ConfigError naming every inconsistent or out-of-range setting."""
     problems = []
     k = ppo.samples_per_prompt
@@ -210,3 +210,6 @@ def check_settings(batch_size: int, ppo: PPOSettings, generation: GenerationSett
             f"use temperature to sharpen sampling instead"
         )
     raise_problems(problems)
+
+
+PPOSettings = RLSettings  # the name before RLOO, GRPO and REINFORCE++ joined PPO; old configs still run

@@ -24,7 +24,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from detox_lightning import sample_data
+from detox_lightning.offline import sample_data
 
 PREFIX = "builtin:"
 # Bump a builder's version when its output changes, so that stale caches are not reused.

@@ -4,7 +4,7 @@ What Lightning 2.6.6 does and does not do on `fit(ckpt_path=...)` (read from its
 
 - It restores the module (`on_load_checkpoint`, then `load_state_dict`), optimizer, loop progress
   and callback states, but no RNG state: a resumed run samples other responses unless the
-  module restores them itself (`PPODetoxModule` stores them under `ppo_state["rng"]`).
+  module restores them itself (`RLDetoxModule` stores them under `ppo_state["rng"]`).
 - Mid-epoch it does not skip the batches already seen; it only hands a train DataLoader that has
   `state_dict`/`load_state_dict` its saved state before iterating again (`ResumableDataLoader`).
 - Under DDP it rebuilds the train loader around `DistributedSamplerWrapper(our sampler,
@@ -12,11 +12,11 @@ What Lightning 2.6.6 does and does not do on `fit(ckpt_path=...)` (read from its
   loader's state must carry both seeds (`unwrap_sampler`), or a resume under another
   `seed_everything` sees other prompts.
 - `ModelCheckpoint.every_n_train_steps` counts optimizer steps (`trainer.global_step`); one PPO
-  iteration takes several, so `PPOCheckpoint` counts iterations (training batches) instead.
+  iteration takes several, so `RLCheckpoint` counts iterations (training batches) instead.
 - `ckpt_path="last"` looks for `last.ckpt` only in the new run's own `version_N/checkpoints`,
-  which is empty; `PPOCheckpoint` also looks in the earlier versions of the same log dir.
+  which is empty; `RLCheckpoint` also looks in the earlier versions of the same log dir.
 - Its own save goes through an fsspec transaction whose temp file lives in the system temp dir,
-  so the final move can be a copy across file systems and nothing is fsync'ed; `PPOCheckpoint`
+  so the final move can be a copy across file systems and nothing is fsync'ed; `RLCheckpoint`
   writes next to the target and `os.replace`s it.
 - It calls `torch.load(weights_only=None)`, which torch >= 2.6 reads as `weights_only=True`;
   everything we save is plain tensors, numbers, strings and containers, so that works.
@@ -195,7 +195,7 @@ def atomic_replace(tmp: str, path: str) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-class PPOCheckpoint(ModelCheckpoint):
+class RLCheckpoint(ModelCheckpoint):
     """`ModelCheckpoint` that saves every `every_n_iterations` PPO iterations, and at epoch end.
 
     Files are written to a temp file beside the target and renamed over it, so a kill during a
@@ -224,9 +224,9 @@ class PPOCheckpoint(ModelCheckpoint):
         auto_insert_metric_name: bool = True,
     ) -> None:
         if every_n_iterations < 1:
-            raise ConfigError(f"PPOCheckpoint every_n_iterations={every_n_iterations} must be at least 1")
+            raise ConfigError(f"RLCheckpoint every_n_iterations={every_n_iterations} must be at least 1")
         if not save_last:
-            raise ConfigError("PPOCheckpoint save_last=False: last.ckpt is what `--ckpt_path last` resumes from")
+            raise ConfigError("RLCheckpoint save_last=False: last.ckpt is what `--ckpt_path last` resumes from")
         super().__init__(
             dirpath=dirpath,
             filename=filename,
@@ -295,7 +295,7 @@ class PPOCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(tmp, self.save_weights_only)
             if trainer.is_global_zero:
                 atomic_replace(tmp, filepath)
-            trainer.strategy.barrier("PPOCheckpoint._save_checkpoint")
+            trainer.strategy.barrier("RLCheckpoint._save_checkpoint")
             self._last_global_step_saved = trainer.global_step
             self._last_checkpoint_saved = filepath
             if trainer.is_global_zero:
@@ -370,3 +370,6 @@ class TrainableStateMixin:
         with torch.no_grad():
             for name, param in own.items():
                 param.copy_(state_dict[name])
+
+
+PPOCheckpoint = RLCheckpoint  # the name before RLOO, GRPO and REINFORCE++ joined PPO; old configs still run

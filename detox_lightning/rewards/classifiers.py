@@ -14,9 +14,9 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from detox_lightning.builtin import resolve
+from detox_lightning.offline.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
-from detox_lightning.quantize import INT8_DYNAMIC, QUANTIZE_CHOICES, Quantize, has_int8_linear, quantize_linear_int8
+from detox_lightning.rewards.quantize import INT8_DYNAMIC, QUANTIZE_CHOICES, Quantize, has_int8_linear, quantize_linear_int8
 
 RewardText = Literal["query_response", "response"]
 
@@ -72,7 +72,7 @@ class RewardModel(nn.Module, ABC):
         What evaluation, the judge and monitors call: `evaluate`'s measurement over this
         component's `toxicity`. Components that score pairs rather than texts override it.
         """
-        from detox_lightning.metrics import Toxicity
+        from detox_lightning.evaluation.metrics import Toxicity
 
         texts = reward_texts(queries, responses, text)
         if not texts:
@@ -107,7 +107,7 @@ class HFClassifierReward(RewardModel):
             the reward and the evaluation judge, is never cut while any of the query is left.
         trust_remote_code: allow code shipped with the model (off unless you trust the source).
         quantize: `int8`: on CPU, the Linear layers of the classifier's body run in int8 with
-            dynamically quantized inputs (`detox_lightning.quantize`), from the first scoring on;
+            dynamically quantized inputs (`detox_lightning.rewards.quantize`), from the first scoring on;
             the classification head stays float32. About 2-3x faster on CPU; an approximation of
             the reward, so opt-in: on a random-weight RoBERTa-base, whose scores of different
             texts all lie within ~0.07, it moved each by up to 0.024, for a rank correlation with

@@ -1,6 +1,6 @@
 """Two exact ways to make sampling cheaper on CPU: the LoRA merged into its base weights for the
 rollout, and inverse-CDF sampling instead of `torch.multinomial`. The module uses both under
-`generation.fast_sampling: true` (`PPODetoxModule.sample`, hence the evaluation too).
+`generation.fast_sampling: true` (`RLDetoxModule.sample`, hence the evaluation too).
 
 Neither changes what is sampled from: merged weights compute the same logits up to float32
 rounding (log-probs of the sampled tokens within 1e-5 of the unmerged forward's, as the

@@ -12,10 +12,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from detox_lightning.architectures import architecture_of
-from detox_lightning.checkpointing import TrainableStateMixin
+from detox_lightning.models.architectures import architecture_of
+from detox_lightning.io.checkpoint import TrainableStateMixin
 from detox_lightning.errors import ConfigError
-from detox_lightning.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
+from detox_lightning.models.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
 
 
 class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from detox_lightning.architectures import architecture_of
-from detox_lightning.builtin import resolve
+from detox_lightning.models.architectures import architecture_of
+from detox_lightning.offline.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
 from detox_lightning.trl_compat import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
@@ -234,7 +234,7 @@ def save_adapter(peft_model, tokenizer, directory: str | Path, card: str, extra:
     """
     from safetensors.torch import save_file
 
-    from detox_lightning.checkpointing import fsync_dir, fsync_tree
+    from detox_lightning.io.checkpoint import fsync_dir, fsync_tree
 
     directory = Path(directory)
     aside = directory.with_name(directory.name + ".old")

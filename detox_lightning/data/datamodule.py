@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from detox_lightning.architectures import architecture_of
-from detox_lightning.builtin import resolve
-from detox_lightning.checkpointing import EpochSeededSampler, ResumableDataLoader
+from detox_lightning.models.architectures import architecture_of
+from detox_lightning.offline.builtin import resolve
+from detox_lightning.io.checkpoint import EpochSeededSampler, ResumableDataLoader
 from detox_lightning.errors import ConfigError, user_input
-from detox_lightning.rows import RowFilter, check_field, get_field
+from detox_lightning.data.rows import RowFilter, check_field, get_field
 
 NOTEBOOK_PROMPT = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -196,7 +196,7 @@ class DialogSumDataModule(pl.LightningDataModule):
             self.check_chat_template()
             self.check_prompt_budget()
         if self.predict_path is not None and self.trainer is not None and self.trainer.predicting:
-            from detox_lightning.predict import load_dialogues
+            from detox_lightning.evaluation.predict import load_dialogues
 
             load_dialogues(self.predict_path)
 
@@ -352,7 +352,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         """`predict_path`'s dialogues, or the held-out split's, in order; `row` numbers them."""
         if self.predict_dataset is None:
             if self.predict_path is not None:
-                from detox_lightning.predict import load_dialogues
+                from detox_lightning.evaluation.predict import load_dialogues
 
                 dialogues = load_dialogues(self.predict_path)
             else:
