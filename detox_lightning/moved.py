@@ -16,6 +16,7 @@ MOVED_MODULES = {
     "detox_lightning.sample_data": "detox_lightning.offline.sample_data",
     "detox_lightning.ppo_math": "detox_lightning.rl",
     "detox_lightning.estimators": "detox_lightning.rl",
+    "detox_lightning.rl.ppo_math": "detox_lightning.rl",
     "detox_lightning.architectures": "detox_lightning.models.architectures",
     "detox_lightning.policy": "detox_lightning.models.policy",
     "detox_lightning.rollout": "detox_lightning.models.rollout",

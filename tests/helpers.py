@@ -1,8 +1,12 @@
 """Small helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
+import yaml
 
 from detox_lightning import DialogSumDataModule
 
@@ -39,3 +43,21 @@ def tensorboard_scalars(root):
     events = EventAccumulator(str(next(Path(root).rglob("events.out.tfevents.*"))))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_tiny_without_evaluation(tmp_path, iterations, *overrides, timeout=900):
+    """`train.py fit` on configs/tiny.yaml without its evaluation callback, logged under `tmp_path`;
+    returns the TensorBoard scalars, after asserting the run succeeded."""
+    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "Evaluation" not in c["class_path"]]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", str(tmp_path / "config.yaml"),
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_train_batches", str(iterations), *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tensorboard_scalars(tmp_path)

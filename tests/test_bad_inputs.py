@@ -84,7 +84,8 @@ BAD_INPUTS = {
     ),
     "unknown estimator": (
         ["--model.init_args.ppo.advantage_estimator", "ppo2"],
-        "model.init_args.ppo.advantage_estimator='ppo2' is not one of ['gae', 'rloo', 'grpo']",
+        ("model.ppo.advantage_estimator='ppo2' is not one of gae, rloo, grpo, reinforce_plus_plus, "
+        "reinforce_plus_plus_baseline"),
     ),
     "output dir not writable": (
         ["--trainer.default_root_dir", "{a_file}/runs"],

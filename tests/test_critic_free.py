@@ -7,8 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
-from helpers import fit, tensorboard_scalars
+from helpers import fit, fit_tiny_without_evaluation, tensorboard_scalars
 
 from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule, RLSettings
 
@@ -79,18 +78,10 @@ def scalars(root):
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["rloo", "grpo"])
 def test_cli_critic_free_fit_logs_kl_and_reward_with_zero_first_kl(tmp_path, perturbed_adapter, estimator):
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "Evaluation" not in c["class_path"]]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "train.py", "fit", "--config", str(tmp_path / "config.yaml"),
-         "--trainer.default_root_dir", str(tmp_path), "--trainer.limit_train_batches", "2",
-         "--model.init_args.ppo.advantage_estimator", estimator, *CRITIC_FREE,
-         "--model.init_args.policy.adapter_name_or_path", perturbed_adapter],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    logged = fit_tiny_without_evaluation(
+        tmp_path, 2, "--model.init_args.ppo.advantage_estimator", estimator, *CRITIC_FREE,
+        "--model.init_args.policy.adapter_name_or_path", perturbed_adapter, timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(tmp_path)
     assert len(logged["objective/kl"]) == 2 and len(logged["env/reward_mean"]) == 2
     assert abs(logged["objective/kl"][0]) < 1e-4
     assert abs(logged["ppo/policy/ratio_first"][0] - 1) < 1e-5

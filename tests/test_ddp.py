@@ -18,7 +18,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from detox_lightning.rl import ppo_math
+from detox_lightning.rl import stats
 from detox_lightning.trl_compat import masked_whiten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +33,14 @@ class RankProbe(Callback):
         self.record = {"whiten": [], "queries": []}
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        whiten = ppo_math.masked_whiten
+        whiten = stats.masked_whiten
 
         def recording(values, mask, *args, **kwargs):
             out = whiten(values, mask, *args, **kwargs)
             self.record["whiten"].append((values.clone(), mask.clone(), out.clone()))
             return out
 
-        ppo_math.masked_whiten = recording  # the module calls ppo_math.masked_whiten by attribute
+        stats.masked_whiten = recording  # the gae estimator calls stats.masked_whiten by attribute
         self.record["weights_start"] = {n: p.detach().clone() for n, p in pl_module.trainable_parameters().items()}
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -6,6 +6,7 @@ on a stub trainer whose forward returns our tensors. The advantages live in the 
 appear verbatim in the installed source (a trl change to that math fails this file).
 """
 
+import dataclasses
 import inspect
 import os
 from collections import defaultdict
@@ -19,7 +20,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.rloo_trainer import RLOOTrainer
 from trl.trainer.utils import nanstd
 
-from detox_lightning.rl import estimators
+from detox_lightning.rl import estimators, kl, losses
 
 # ---- trl's advantage lines, transcribed (and checked against the installed source below) ----
 
@@ -189,7 +190,7 @@ def test_rloo_loss_equals_trls_compute_loss():
     stub = stub_trainer(logprobs, epsilon_low=eps, epsilon_high=eps)
     inputs = model_inputs(mask) | {"old_logps": (old * mask).sum(1), "advantages": advantages}
     want = RLOOTrainer._compute_loss(stub, None, inputs)
-    got, clipfrac, _ = estimators.rloo_loss(logprobs, old, advantages, mask, eps)
+    got, clipfrac, _ = losses.rloo_loss(logprobs, old, advantages, mask, eps)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert clipfrac == pytest.approx(stub._metrics["train"]["clip_ratio/region_mean"][0])
     assert 0 < clipfrac < 1  # the inputs exercise the clip
@@ -197,12 +198,14 @@ def test_rloo_loss_equals_trls_compute_loss():
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_loss_equals_trls_compute_loss(loss_type, beta):
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_grpo_loss_and_gradient_equal_trls_compute_loss(loss_type, beta, bias_correction):
     logprobs, old, ref, mask, advantages = loss_inputs(seed=1)
+    theirs, ours = logprobs.clone().requires_grad_(), logprobs.clone().requires_grad_()
     eps, max_len = 0.2, mask.shape[1] + 3
-    args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+    args = SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None, steps_per_generation=1)
     stub = stub_trainer(
-        logprobs, epsilon_low=eps, epsilon_high=eps, beta=beta, loss_type=loss_type, args=args,
+        theirs, epsilon_low=eps, epsilon_high=eps, beta=beta, loss_type=loss_type, args=args,
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
         use_vllm=False, vllm_importance_sampling_correction=False, current_gradient_accumulation_steps=1,
         max_completion_length=max_len, _entropy_bonus_enabled=False,
@@ -212,19 +215,47 @@ def test_grpo_loss_equals_trls_compute_loss(loss_type, beta):
         "num_items_in_batch": mask.sum(),
     }
     want = GRPOTrainer._compute_loss(stub, None, inputs)
-    got, clipfrac, kl = estimators.grpo_loss(
-        logprobs, old, advantages, mask, eps, beta=beta, ref_logprobs=ref, loss_type=loss_type,
-        max_completion_length=max_len, num_items=float(mask.sum()),
+    got, clipfrac, kl = losses.grpo_loss(
+        ours, old, advantages, mask, eps, beta=beta, ref_logprobs=ref, loss_type=loss_type,
+        max_completion_length=max_len, num_items=float(mask.sum()), use_bias_correction_kl=bias_correction,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    want.backward()
+    got.backward()
+    assert theirs.grad.abs().sum() > 0
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=1e-6)
     assert clipfrac == pytest.approx(stub._metrics["train"]["clip_ratio/region_mean"][0])
     if beta:
         assert kl == pytest.approx(stub._metrics["train"]["kl"][0])
+
+
+def test_bias_correction_changes_the_gradient_but_not_the_loss_at_ratio_one():
+    """At the first step (policy = rollout policy) coef_1 is 1: the same loss, another gradient (trl's default)."""
+    logprobs, _, ref, mask, advantages = loss_inputs(seed=2)
+    grads = []
+    for bias_correction in (False, True):
+        leaf = logprobs.clone().requires_grad_()
+        loss, _, _ = losses.grpo_loss(leaf, logprobs, advantages, mask, 0.2, beta=0.5, ref_logprobs=ref,
+                                      use_bias_correction_kl=bias_correction)
+        loss.backward()
+        grads.append((loss.detach(), leaf.grad))
+    (loss_off, grad_off), (loss_on, grad_on) = grads
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=1e-12)
+    assert not torch.allclose(grad_on, grad_off)
+
+
+def test_grpo_bias_correction_is_on_by_default_as_in_trl():
+    from trl import GRPOConfig
+
+    from detox_lightning import RLSettings
+
+    default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}["use_bias_correction_kl"]
+    assert RLSettings().use_bias_correction_kl is default is True
 
 
 def test_k3_kl_equals_a_naive_loop_and_is_zero_only_at_equality():
     a = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
     b = torch.tensor([-1.0, -1.0, -3.0], dtype=torch.float64)
     naive = torch.tensor([float(torch.exp(y - x) - (y - x) - 1) for x, y in zip(a, b, strict=True)], dtype=torch.float64)
-    torch.testing.assert_close(estimators.k3_kl(a, b), naive)
-    assert estimators.k3_kl(a, b)[0] == 0 and (estimators.k3_kl(a, b)[1:] > 0).all()
+    torch.testing.assert_close(kl.k3_kl(a, b), naive)
+    assert kl.k3_kl(a, b)[0] == 0 and (kl.k3_kl(a, b)[1:] > 0).all()

@@ -48,7 +48,7 @@ def test_kl_grows_after_updates_and_controller_moves(tiny_t5, tiny_classifier, s
     """KL 0 at the first iteration, > 0 once the policy moved; the coefficient follows each logged KL."""
     import csv
 
-    from detox_lightning.rl.ppo_math import AdaptiveKLController
+    from detox_lightning.rl.controllers import AdaptiveKLController
 
     pl.seed_everything(0)
     # a target between the two KLs: the coefficient must first fall (KL 0 < target), then rise
@@ -266,9 +266,9 @@ def test_rollout_logprobs_from_generate_equal_a_forward_pass(tiny_t5, tiny_class
 @pytest.mark.parametrize("kl_penalty", ["k1", "full"])
 def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed_adapter, sample_data, kl_penalty):
     """gamma = lam = 1: the first token's return is score - kl_coef * the response's summed KL."""
-    from detox_lightning.rl import ppo_math
     from detox_lightning.models.policy import reference_mode
     from detox_lightning.models.rollout import logprobs_and_values
+    from detox_lightning.rl.kl import full_kl
 
     module = moved_policy(tiny_t5, tiny_classifier, perturbed_adapter, kl_penalty=kl_penalty, gamma=1.0, lam=1.0)
     batch = first_batch(sample_data, tiny_t5)
@@ -280,7 +280,7 @@ def test_returns_carry_the_chosen_kl_penalty(tiny_t5, tiny_classifier, perturbed
         with reference_mode(module.policy):
             ref_logits, ref_logprobs, _ = logprobs_and_values(module.policy, *args)
     if kl_penalty == "full":
-        kl = ppo_math.full_kl(logits, ref_logits)
+        kl = full_kl(logits, ref_logits)
     else:
         kl = logprobs - ref_logprobs
     score = module.reward(batch["query"], module.decode(exp.response_ids))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from detox_lightning.models.architectures import SEQ2SEQ, decoder_inputs
 from detox_lightning.errors import ConfigError
+from detox_lightning.models.architectures import SEQ2SEQ, decoder_inputs
 from detox_lightning.models.policy import (
     PolicyConfig,
     build_policy,
@@ -107,8 +107,8 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
     first-epoch micro-batches) are scored."""
     from functools import partial
 
-    from detox_lightning.rl.ppo_math import full_kl
     from detox_lightning.models.rollout import score_rollout
+    from detox_lightning.rl.kl import full_kl
     from detox_lightning.trl_compat import entropy_from_logits
 
     model, tokenizer = build_policy(PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=perturbed_adapter))

@@ -1,4 +1,5 @@
-"""PPO math against hand-computed values and naive float64 loops."""
+"""The RL math shared by the estimators (masks, KL, GAE, whitening, losses, controllers) against
+hand-computed values and naive float64 loops."""
 
 import math
 import threading
@@ -6,19 +7,13 @@ import threading
 import pytest
 import torch
 
-from detox_lightning.rl import ppo_math
-from detox_lightning.rl.ppo_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    RunningMoments,
-    full_kl,
-    gae,
-    per_token_kl,
-    policy_loss,
-    response_mask,
-    shape_rewards,
-    value_loss,
-)
+from detox_lightning.rl import stats
+from detox_lightning.rl.controllers import AdaptiveKLController, FixedKLController
+from detox_lightning.rl.estimators.gae import gae
+from detox_lightning.rl.kl import full_kl, per_token_kl, shape_rewards
+from detox_lightning.rl.losses import policy_loss, value_loss
+from detox_lightning.rl.masks import response_mask
+from detox_lightning.rl.stats import RunningMoments
 from detox_lightning.trl_compat import masked_whiten
 
 
@@ -115,9 +110,9 @@ def test_global_masked_whiten_equals_trl_on_the_concatenated_batch():
     lengths = torch.tensor([7, 1, 4, 2, 6, 3])
     mask = (torch.arange(7)[None, :] < lengths[:, None]).double()
     expected = masked_whiten(values, mask)
-    torch.testing.assert_close(ppo_math.masked_whiten(values, mask), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.masked_whiten(values, mask), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
-        ppo_math.masked_whiten(values, mask, shift_mean=False), masked_whiten(values, mask, shift_mean=False)
+        stats.masked_whiten(values, mask, shift_mean=False), masked_whiten(values, mask, shift_mean=False)
     )
 
     # three ranks of unequal token counts, each whitening its own rows with a summing all-reduce
@@ -125,7 +120,7 @@ def test_global_masked_whiten_equals_trl_on_the_concatenated_batch():
     reduce, out = ThreadAllReduce(len(shards)), {}
 
     def rank(i: int) -> None:
-        out[i] = ppo_math.masked_whiten(values[shards[i]], mask[shards[i]], all_reduce=reduce)
+        out[i] = stats.masked_whiten(values[shards[i]], mask[shards[i]], all_reduce=reduce)
 
     threads = [threading.Thread(target=rank, args=(i,)) for i in range(len(shards))]
     for t in threads:

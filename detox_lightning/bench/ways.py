@@ -115,7 +115,7 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
     # Instance-level wrappers time the module's own methods without changing them.
     module.sample = clock.wrap("generate", module.sample)
     module.make_experience = clock.wrap("experience", module.make_experience)
-    module.ppo_update = clock.wrap("update", module.ppo_update)
+    module.update = clock.wrap("update", module.update)
     module.reward.register_forward_pre_hook(lambda *_: clock.start("reward"))
     module.reward.register_forward_hook(lambda *_: clock.stop())
 
@@ -170,7 +170,7 @@ def pipeline_scores(reward, texts: list[str], batch_size: int = 16) -> torch.Ten
 
 
 def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, clock: Clock) -> None:
-    from detox_lightning.rl import ppo_math
+    from detox_lightning.rl import gae, per_token_kl, policy_loss, shape_rewards, value_loss
     from detox_lightning.trl_compat import masked_whiten
 
     policy, tokenizer, ppo, device = module.policy, module.tokenizer, module.ppo, torch.device(args.device)
@@ -194,8 +194,8 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
         logprobs, values = _trl_forward(policy, arch, rows, tokenizer, device, ppo.mini_batch_size)
         ref_logprobs, _ = _trl_forward(ref_model, arch, rows, tokenizer, device, ppo.mini_batch_size)
         mask = torch.ones_like(logprobs)
-        rewards = ppo_math.shape_rewards(scores, ppo_math.per_token_kl(logprobs, ref_logprobs), mask, 0.2)
-        advantages, returns = ppo_math.gae(values, rewards, mask, ppo.gamma, ppo.lam)
+        rewards = shape_rewards(scores, per_token_kl(logprobs, ref_logprobs), mask, 0.2)
+        advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
         advantages = masked_whiten(advantages, mask)
     # 3. PPO: mini-batches, each forward recomputes log-probs over the full vocabulary
     with clock("update"):
@@ -203,8 +203,8 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
         for idx in torch.randperm(len(rows)).split(ppo.mini_batch_size):
             new_lp, vpred = _trl_forward(policy, arch, [rows[i] for i in idx], tokenizer, device, len(idx))
             idx = idx.to(device)
-            pg_loss, *_ = ppo_math.policy_loss(new_lp, logprobs[idx], advantages[idx], mask[idx], ppo.cliprange)
-            vf_loss, _ = ppo_math.value_loss(vpred, values[idx], returns[idx], mask[idx], ppo.cliprange_value)
+            pg_loss, *_ = policy_loss(new_lp, logprobs[idx], advantages[idx], mask[idx], ppo.cliprange)
+            vf_loss, _ = value_loss(vpred, values[idx], returns[idx], mask[idx], ppo.cliprange_value)
             (pg_loss + ppo.vf_coef * vf_loss).backward()
             torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], ppo.max_grad_norm)
             optimizer.step()

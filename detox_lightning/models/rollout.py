@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from detox_lightning.rl import ppo_math
 from detox_lightning.models.architectures import Architecture, PaddingSide, decoder_inputs  # noqa: F401 - re-exported
+from detox_lightning.rl.experience import Experience  # noqa: F401 - re-exported: the batch the update reads
+from detox_lightning.rl.kl import full_kl
+from detox_lightning.rl.masks import response_mask
 from detox_lightning.trl_compat import entropy_from_logits, selective_log_softmax
 
 
@@ -42,46 +44,6 @@ class Samples:
 
 
 @dataclass
-class Experience:
-    """One batch of rollouts with everything the update needs; (B, ...) tensors.
-
-    `values` and `returns` exist for GAE only; `ref_logprobs` only where the loss needs them (grpo
-    with beta > 0); `advantages` is (B, T) for GAE and (B,), one per response, for rloo and grpo.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_ids: torch.Tensor
-    mask: torch.Tensor  # float
-    logprobs: torch.Tensor
-    advantages: torch.Tensor
-    values: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    padding_side: PaddingSide = "right"  # of the prompts: the policy's architecture's
-    # the first update epoch's mini-batches, each a list of micro-batch row indices; the rollout
-    # was scored in exactly these micro-batches (see `score_rollout`)
-    first_epoch: list[list[torch.Tensor]] | None = None
-
-    def select(self, idx: torch.Tensor) -> Experience:
-        """Rows `idx`, with prompt and response padding trimmed to this selection's longest."""
-        prompt_len = int(self.attention_mask[idx].sum(dim=1).max())
-        response_len = int(self.mask[idx].sum(dim=1).max())
-        fields = {}
-        for name, value in vars(self).items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            value = value[idx]
-            if name in ("input_ids", "attention_mask"):  # prompt padding sits on `padding_side`
-                keep = slice(None, prompt_len) if self.padding_side == "right" else slice(-prompt_len, None)
-                value = value[:, keep]
-            elif value.dim() == 2:
-                value = value[:, :response_len]
-            fields[name] = value
-        return replace(self, first_epoch=None, **fields)  # a selection has no epoch plan of its own
-
-
-@dataclass
 class RolloutRecord:
     """What one iteration sampled on this rank, kept on the CPU for callbacks (e.g. a monitor).
 
@@ -90,7 +52,8 @@ class RolloutRecord:
         response_ids: (B, T) response tokens; mask: (B, T) bool, True up to and including EOS.
         max_new_tokens: this iteration's token cap.
         eos_token_id: the policy's EOS id.
-        scores: (B,) raw reward-model scores; kl: (B,) KL to the reference summed over each response.
+        scores: (B,) raw reward-model scores; kl: (B,) KL to the reference summed over each response
+            (None when no reference pass ran).
     """
 
     queries: list[str]
@@ -100,7 +63,7 @@ class RolloutRecord:
     max_new_tokens: int
     eos_token_id: int
     scores: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor | None
 
 
 @torch.no_grad()
@@ -113,6 +76,9 @@ def sample(
     keep_logits: bool = False,
 ) -> Samples:
     """One batched `generate` call; with `keep_logits`, also its raw logits and values.
+
+    B rows in, B responses out: with k samples per prompt the caller repeats each prompt k times
+    (k consecutive rows), so B = prompts x k.
 
     Taking log-probs and values from generation saves a forward pass: they are computed with the
     same weights (checked against `logprobs_and_values` in the tests). The price is memory: the
@@ -129,20 +95,20 @@ def sample(
         output_hidden_states=keep_logits and model.v_head is not None,
         **generation_kwargs,
     )
-    response_ids = arch.responses(out.sequences, input_ids.shape[1])
-    mask = ppo_math.response_mask(response_ids, generation_kwargs["eos_token_id"])
-    response_ids = response_ids.masked_fill(~mask, generation_kwargs["pad_token_id"])
+    response_ids = arch.responses(out.sequences, input_ids.shape[1])  # (B, T): the generated tokens only
+    mask = response_mask(response_ids, generation_kwargs["eos_token_id"])  # (B, T) bool: up to the first EOS
+    response_ids = response_ids.masked_fill(~mask, generation_kwargs["pad_token_id"])  # (B, T)
     samples = Samples(response_ids, mask)
     if keep_logits:
-        samples.step_logits = out.logits
+        samples.step_logits = out.logits  # T tensors (B, V)
         if model.v_head is not None:
-            samples.values = model.v_head(arch.generated_hidden(out)).squeeze(-1).float()
+            samples.values = model.v_head(arch.generated_hidden(out)).squeeze(-1).float()  # (B, T)
     return samples
 
 
 def token_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs (B, T) of the response tokens under `softmax(logits / temperature)`, in float32."""
-    return selective_log_softmax(_scaled(logits, temperature), response_ids)
+    return selective_log_softmax(_scaled(logits, temperature), response_ids)  # (B, T)
 
 
 def logprobs_and_values(
@@ -160,7 +126,7 @@ def logprobs_and_values(
         logits (B, T, V) float32 (not divided by the temperature), logprobs (B, T) and values (B, T)
         (None without a value head).
     """
-    logits, values = arch.forward(model, input_ids, attention_mask, response_ids, response_mask)
+    logits, values = arch.forward(model, input_ids, attention_mask, response_ids, response_mask)  # (B, T, V), (B, T)
     return logits, token_logprobs(logits, response_ids, temperature), None if values is None else values.float()
 
 
@@ -202,45 +168,45 @@ def score_rollout(
     size, rows are taken in order of length so that each chunk holds rows of similar length. Each
     chunk is trimmed to its own longest prompt and response, as `Experience.select` trims a
     micro-batch, so a chunk equal to an update micro-batch gives that micro-batch's first forward
-    bit for bit (the PPO module relies on it: ratio 1 at the first step in bfloat16 too, where
-    kernels round differently for other shapes). Only one chunk's (b, t, V)
-    policy and reference logits are alive at once (the whole batch's would be B / b times larger:
-    ~0.8 GB for FLAN-T5 at batch 16 x 400 tokens). The policy's figures come from generation when
-    `samples` kept its logits, else from a forward pass. `reference_mode()` is the context that
-    runs the frozen reference (see `policy.reference_mode`); without `with_reference` the reference
-    pass is skipped (GRPO with beta 0).
+    bit for bit (the training module relies on it: ratio 1 at the first step in bfloat16 too,
+    where kernels round differently for other shapes). Only one chunk's (b, t, V) policy and
+    reference logits are alive at once (the whole batch's would be B / b times larger). The
+    policy's figures come from generation when `samples` kept its logits, else from a forward
+    pass. `reference_mode()` is the context that runs the frozen reference (see
+    `policy.reference_mode`); without `with_reference` the reference pass is skipped (when no KL
+    enters training: the estimator's `needs_reference`).
     """
-    length = samples.response_ids.shape[1]
+    length = samples.response_ids.shape[1]  # T
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     if isinstance(chunks, int):
-        chunks = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True).split(chunks)
-    for rows in chunks:
-        width = int(attention_mask[rows].sum(dim=1).max())
-        t = int(samples.mask[rows].sum(dim=1).max())
-        prompt = arch.trim_prompt(input_ids[rows], attention_mask[rows], width)
-        ids, mask = samples.response_ids[rows, :t], samples.mask[rows, :t]
+        chunks = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True).split(chunks)  # (b,) each
+    for rows in chunks:  # (b,) row indices
+        width = int(attention_mask[rows].sum(dim=1).max())  # p: the chunk's longest prompt
+        t = int(samples.mask[rows].sum(dim=1).max())  # t: the chunk's longest response
+        prompt = arch.trim_prompt(input_ids[rows], attention_mask[rows], width)  # (b, p) ids and mask
+        ids, mask = samples.response_ids[rows, :t], samples.mask[rows, :t]  # (b, t) each
         if samples.step_logits:
-            logits = samples.logits(rows, t)
-            values = samples.values[rows, :t] if samples.values is not None else None
+            logits = samples.logits(rows, t)  # (b, t, V)
+            values = samples.values[rows, :t] if samples.values is not None else None  # (b, t)
         else:
-            logits, values = arch.forward(model, *prompt, ids, mask)
-        logits = _scaled(logits, temperature)
-        chunk = {"logprobs": selective_log_softmax(logits, ids), "entropy": entropy_from_logits(logits)}
+            logits, values = arch.forward(model, *prompt, ids, mask)  # (b, t, V), (b, t) or None
+        logits = _scaled(logits, temperature)  # (b, t, V) float32
+        chunk = {"logprobs": selective_log_softmax(logits, ids), "entropy": entropy_from_logits(logits)}  # (b, t) each
         if values is not None:
-            chunk["values"] = values.float()
+            chunk["values"] = values.float()  # (b, t)
         if with_reference:
             with reference_mode():
-                ref_logits, _ = arch.forward(model, *prompt, ids, mask)
-            ref_logits = _scaled(ref_logits, temperature)
-            chunk["ref_logprobs"] = selective_log_softmax(ref_logits, ids)
+                ref_logits, _ = arch.forward(model, *prompt, ids, mask)  # (b, t, V)
+            ref_logits = _scaled(ref_logits, temperature)  # (b, t, V) float32
+            chunk["ref_logprobs"] = selective_log_softmax(ref_logits, ids)  # (b, t)
             if with_full_kl:
-                chunk["full_kl"] = ppo_math.full_kl(logits, ref_logits)
+                chunk["full_kl"] = full_kl(logits, ref_logits)  # (b, t)
             del ref_logits
         del logits
         for name, value in chunk.items():
-            parts[name].append(F.pad(value * mask, (0, length - t)))  # back to the batch's length
-    unsort = torch.cat(list(chunks)).argsort()
-    return RolloutScores(**{name: torch.cat(pieces)[unsort] for name, pieces in parts.items()})
+            parts[name].append(F.pad(value * mask, (0, length - t)))  # (b, T): back to the batch's length
+    unsort = torch.cat(list(chunks)).argsort()  # (B,): chunk order back to row order
+    return RolloutScores(**{name: torch.cat(pieces)[unsort] for name, pieces in parts.items()})  # (B, T) each
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:

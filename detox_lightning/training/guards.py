@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from detox_lightning.models.rollout import Experience
+from detox_lightning.rl.experience import Experience
 
 # What `nonfinite_parts` and the update check can name; flags are summed over ranks in this order.
 NONFINITE_PARTS = (
@@ -18,7 +18,7 @@ NONFINITE_PARTS = (
 
 
 class NonFiniteError(RuntimeError):
-    """Training diverged: too many PPO iterations in a row had NaN/inf rewards, advantages or loss."""
+    """Training diverged: too many iterations in a row had NaN/inf rewards, advantages or loss."""
 
 
 @dataclass
@@ -46,7 +46,7 @@ def nonfinite_parts(exp: Experience, stats: dict[str, float]) -> list[str]:
         name for name in ("env/reward_mean", "ppo/scores_mean", "objective/kl") if not math.isfinite(stats.get(name, 0.0))
     ]
     for name in ("logprobs", "values", "advantages", "returns"):
-        value = getattr(exp, name)  # values and returns are None with a critic-free estimator
+        value = getattr(exp, name)  # values and returns are None where the estimator has none
         if value is not None and not torch.isfinite(value).all():
             bad.append(name)
     return bad

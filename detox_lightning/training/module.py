@@ -1,8 +1,9 @@
-"""The RL detoxification LightningModule: one training batch = one iteration of PPO, RLOO or GRPO.
+"""The RL detoxification LightningModule: one training batch = one iteration of the chosen estimator.
 
-Glue only: the math lives in `ppo_math` and `estimators`, the model calls in `rollout` (through
-the policy's `architectures.Architecture`), the models in `policy` and `rewards`, the reductions
-over ranks in `distributed`, restart and rollback plumbing in `resumable`.
+Glue only: the math lives in `detox_lightning.rl` (the estimator, chosen once from the settings,
+owns advantages and loss), the model calls in `rollout` (through the policy's
+`architectures.Architecture`), the models in `policy` and `rewards`, the reductions over ranks in
+`distributed`, restart and rollback plumbing in `resumable`.
 """
 
 from __future__ import annotations
@@ -16,39 +17,42 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 
-from detox_lightning.rl import estimators
-from detox_lightning.rl import ppo_math
 from detox_lightning.models.architectures import architecture_of
-from detox_lightning.io.checkpoint import TrainableStateMixin
-from detox_lightning.training.distributed import DataParallelMixin
 from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
-from detox_lightning.training.guards import SkipCounter, nonfinite_parts
-from detox_lightning.models.policy import PolicyConfig, base_dtype, build_policy, enable_gradient_checkpointing, reference_mode
-from detox_lightning.training.resumable import ResumableRLMixin
-from detox_lightning.rewards.classifiers import RewardModel
-from detox_lightning.models.rollout import (
-    Experience,
-    RolloutRecord,
-    Samples,
-    logprobs_and_values,
-    sample,
-    score_rollout,
+from detox_lightning.models.policy import (
+    PolicyConfig,
+    base_dtype,
+    build_policy,
+    enable_gradient_checkpointing,
+    reference_mode,
 )
+from detox_lightning.models.rollout import RolloutRecord, Samples, logprobs_and_values, sample, score_rollout
+from detox_lightning.rewards.classifiers import RewardModel
+from detox_lightning.rl.controllers import kl_controller
+from detox_lightning.rl.estimators import Rollout, build_estimator
+from detox_lightning.rl.experience import Experience
+from detox_lightning.rl.kl import per_token_kl
+from detox_lightning.rl.stats import RunningMoments, group_reward_std
+from detox_lightning.training.distributed import DataParallelMixin
+from detox_lightning.training.guards import SkipCounter, nonfinite_parts
+from detox_lightning.training.resumable import ResumableRLMixin
 from detox_lightning.training.settings import GenerationSettings, RLSettings, check_settings
+from detox_lightning.training.trainable_state import TrainableStateMixin
 from detox_lightning.trl_compat import masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
 
 
 class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl.LightningModule):
-    """PPO with a KL penalty towards the starting policy, rewarded by a toxicity classifier.
+    """KL-penalised RL towards the starting policy (PPO, RLOO, GRPO, REINFORCE++), rewarded by a
+    toxicity classifier.
 
     Args:
         reward: the reward component (`class_path` in YAML), e.g. `HFClassifierReward`.
         policy: the model to fine-tune and its LoRA adapter.
-        ppo: PPO hyper-parameters.
-        generation: response sampling during PPO.
-        batch_size: prompts per PPO iteration (linked from `data.batch_size`).
+        ppo: RL hyper-parameters, the estimator among them (the YAML key keeps its old name).
+        generation: response sampling during training.
+        batch_size: prompts per iteration (linked from `data.batch_size`).
     """
 
     def __init__(
@@ -63,7 +67,8 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         check_settings(batch_size, ppo, generation)
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
-        self.policy, self.tokenizer = build_policy(policy, value_head=not ppo.critic_free)
+        self.estimator = build_estimator(ppo, max_completion_length=generation.output_max_length)
+        self.policy, self.tokenizer = build_policy(policy, value_head=self.estimator.needs_value_head)
         self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
         # generate's logits round as the teacher-forced forward only in float32 (RLSettings docs)
         self.logprobs_from_generate = (
@@ -72,11 +77,8 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         if ppo.gradient_checkpointing:
             enable_gradient_checkpointing(self.policy, zero_dropout=ppo.disable_dropout)
         self.reward = reward
-        if ppo.adap_kl_ctrl:
-            self.kl_ctl = ppo_math.AdaptiveKLController(ppo.init_kl_coef, ppo.target, ppo.horizon)
-        else:
-            self.kl_ctl = ppo_math.FixedKLController(ppo.init_kl_coef)
-        self.score_moments = ppo_math.RunningMoments()
+        self.kl_ctl = kl_controller(ppo.init_kl_coef, ppo.adap_kl_ctrl, ppo.target, ppo.horizon)
+        self.score_moments = RunningMoments()
         self.skips = SkipCounter()
         self.last_rollout: RolloutRecord | None = None  # this rank's latest rollout, for monitors
 
@@ -123,7 +125,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
     def decode(self, response_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
 
-    # ---- one PPO iteration ----
+    # ---- one RL iteration ----
 
     def draw_max_new_tokens(self) -> int:
         g = self.generation
@@ -145,22 +147,25 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
 
     @torch.no_grad()
     def make_experience(self, batch: dict) -> tuple[Experience, dict[str, float]]:
-        """Steps 1-5: rollout, score, old/reference log-probs (and values), advantages."""
-        ppo, k = self.ppo, self.ppo.samples_per_prompt
-        # k consecutive rows per prompt: one group, never split across ranks or generate calls
-        input_ids = batch["input_ids"].repeat_interleave(k, dim=0)
-        attention_mask = batch["attention_mask"].repeat_interleave(k, dim=0)
-        queries = [q for q in batch["query"] for _ in range(k)]
+        """Steps 1-5: rollout, score, old/reference log-probs (and values), advantages.
+
+        Shapes: P = prompt tokens, T = response tokens, k = `samples_per_prompt`, B*k = this
+        rank's responses (k consecutive rows per prompt: a group never spans two ranks).
+        """
+        ppo, k, estimator = self.ppo, self.ppo.samples_per_prompt, self.estimator
+        input_ids = batch["input_ids"].repeat_interleave(k, dim=0)  # (B*k, P): k consecutive rows per prompt
+        attention_mask = batch["attention_mask"].repeat_interleave(k, dim=0)  # (B*k, P)
+        queries = [q for q in batch["query"] for _ in range(k)]  # B*k strings
 
         # 1. rollout: one batched generate
         max_new_tokens = self.draw_max_new_tokens()
         samples = self.sample(input_ids, attention_mask, max_new_tokens, keep_logits=self.logprobs_from_generate)
-        ids, mask = samples.response_ids, samples.mask
+        ids, mask = samples.response_ids, samples.mask  # (B*k, T) tokens, (B*k, T) bool: up to the first EOS
 
         # 2. score with the reward component
-        responses = self.decode(ids)
-        raw_scores = self.reward(queries, responses).to(self.device, torch.float32)
-        scores = self.shape_scores(raw_scores, ids)
+        responses = self.decode(ids)  # B*k strings
+        raw_scores = self.reward(queries, responses).to(self.device, torch.float32)  # (B*k,)
+        scores = self.shape_scores(raw_scores, ids)  # (B*k,)
 
         # 3. old log-probs (and values) from the policy, reference log-probs from the frozen reference.
         # From a forward pass: in the first update epoch's micro-batches, so that its first forward
@@ -172,37 +177,35 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         token_scores = score_rollout(
             self.policy, self.arch, samples, input_ids, attention_mask, self.generation.temperature, chunks,
             partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
-            with_reference=ppo.needs_reference,
+            with_reference=estimator.needs_reference,
         )
-        del samples  # with its (B, T, V) step logits
-        fmask = mask.float()
-        logprobs, ref_logprobs = token_scores.logprobs, token_scores.ref_logprobs
-        kl = None
+        del samples  # with its (B*k, T, V) step logits
+        fmask = mask.float()  # (B*k, T)
+        logprobs, ref_logprobs = token_scores.logprobs, token_scores.ref_logprobs  # (B*k, T); ref None without the pass
+        kl = None  # (B*k, T) the chosen KL estimate per token, None without a reference pass
         if ref_logprobs is not None:
-            kl = token_scores.full_kl if ppo.kl_penalty == "full" else ppo_math.per_token_kl(
-                logprobs, ref_logprobs, ppo.kl_penalty
-            )
+            kl = token_scores.full_kl if ppo.kl_penalty == "full" else per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
 
-        # 4-5. advantages of the chosen estimator (value-free for rloo and grpo)
-        if ppo.advantage_estimator == "gae":
-            # per-token rewards -kl_coef * KL plus the score on the last token; GAE; whitened over every rank
-            rewards = ppo_math.shape_rewards(scores, kl, fmask, self.kl_ctl.value)
-            advantages, returns = ppo_math.gae(token_scores.values, rewards, fmask, ppo.gamma, ppo.lam)
-            advantages = ppo_math.masked_whiten(advantages, fmask, self.all_reduce_sum) * fmask
-            extra = {"values": token_scores.values, "returns": returns}
-        elif ppo.advantage_estimator == "rloo":
-            # sequence reward = score - beta * summed KL; baseline = the other k - 1 samples' mean
-            sequence_rewards = scores - self.kl_ctl.value * (kl * fmask).sum(dim=1)
-            advantages = estimators.rloo_advantages(sequence_rewards, k, ppo.normalize_advantages, self.all_reduce_sum)
-            extra = {}
-        else:
-            # group-normalised scores; the KL enters the loss (k3), so the update needs the reference's log-probs
-            advantages = estimators.grpo_advantages(scores, k, ppo.scale_rewards, self.all_reduce_sum)
-            extra = {"ref_logprobs": ref_logprobs}
+        # 4-5. rewards and advantages of the chosen estimator
+        rollout = Rollout(scores=scores, mask=fmask, kl=kl, values=token_scores.values, kl_coef=self.kl_ctl.value)
+        advantages, returns = estimator.advantages(rollout, self.all_reduce_sum)  # (B*k, T) each; returns may be None
+        experience = Experience(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            padding_side=self.arch.padding_side,
+            response_ids=ids,
+            mask=fmask,
+            logprobs=logprobs,
+            advantages=advantages,
+            values=token_scores.values,  # (B*k, T), None without a value head
+            returns=returns,
+            ref_logprobs=ref_logprobs,
+            first_epoch=first_epoch,
+        )
 
         # Statistics of the global batch, the same on every rank: per-response figures gathered,
         # per-token ones as global sums over the global token count.
-        kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1) if ref_logprobs is not None else None
+        kl_sum = ((logprobs - ref_logprobs) * fmask).sum(dim=1) if ref_logprobs is not None else None  # (B*k,)
         self.last_rollout = RolloutRecord(
             queries=queries,
             responses=responses,
@@ -213,18 +216,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             scores=raw_scores.cpu(),
             kl=kl_sum.cpu() if kl_sum is not None else None,
         )
-        stats = self.rollout_stats(token_scores, kl_sum, raw_scores, scores, fmask, attention_mask, advantages, extra)
-        experience = Experience(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            padding_side=self.arch.padding_side,
-            response_ids=ids,
-            mask=fmask,
-            logprobs=logprobs,
-            advantages=advantages,
-            first_epoch=first_epoch,
-            **extra,
-        )
+        stats = self.rollout_stats(token_scores.entropy, kl_sum, raw_scores, scores, attention_mask, experience)
         return experience, stats
 
     def update_batches(self, rows: int) -> list[list[torch.Tensor]]:
@@ -233,14 +225,27 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         micro_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
         return [mini.split(micro_size) for mini in torch.randperm(rows, device=self.device).split(ppo.mini_batch_size)]
 
-    def rollout_stats(self, token_scores, kl_sum, raw_scores, scores, fmask, attention_mask, advantages, extra) -> dict:
-        """trl-named statistics of the global batch (every rank's rows), the same on every rank."""
-        zeros = torch.zeros_like(raw_scores)
-        entropy = (token_scores.entropy * fmask).sum(dim=1)
+    def rollout_stats(
+        self,
+        entropy: torch.Tensor,
+        kl_sum: torch.Tensor | None,
+        raw_scores: torch.Tensor,
+        scores: torch.Tensor,
+        attention_mask: torch.Tensor,
+        exp: Experience,
+    ) -> dict[str, float]:
+        """trl-named statistics of the global batch (every rank's rows), the same on every rank.
+
+        Args:
+            entropy: (B*k, T) the policy's entropy per token; kl_sum: (B*k,) summed KL or None;
+            raw_scores, scores: (B*k,) before and after `shape_scores`; attention_mask: (B*k, P).
+        """
+        fmask = exp.mask  # (B*k, T)
+        zeros = torch.zeros_like(raw_scores)  # (B*k,)
         per_row = torch.stack(
-            [kl_sum if kl_sum is not None else zeros, entropy, raw_scores, scores, fmask.sum(dim=1),
-             attention_mask.sum(dim=1).float()], dim=1
-        )
+            [kl_sum if kl_sum is not None else zeros, (entropy * fmask).sum(dim=1), raw_scores, scores,
+             fmask.sum(dim=1), attention_mask.sum(dim=1).float()], dim=1
+        )  # (B*k, 6)
         kl_sum_all, entropy, all_raw, all_scores, response_len, query_len = self.gather(per_row).unbind(dim=1)
         stats = {
             "objective/kl_coef": self.kl_ctl.value,
@@ -254,20 +259,11 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         if kl_sum is not None:
             stats["objective/kl"] = kl_sum_all.mean()  # trl's objective/kl: summed per response
         k = self.ppo.samples_per_prompt
-        if self.ppo.critic_free:
-            group_std = estimators.group_reward_std(all_raw, k)  # gathered rows keep whole groups in order
+        if k > 1:
+            group_std = group_reward_std(all_raw, k)  # (global prompts,): gathered rows keep whole groups in order
             stats["env/group_reward_std"] = group_std.mean()  # trl's reward_std
             stats["env/frac_reward_zero_std"] = torch.isclose(group_std, torch.zeros_like(group_std)).float().mean()
-            stats["ppo/policy/advantages_mean"] = self.gather(advantages).mean()
-        else:
-            sums = self.all_reduce_sum(torch.stack([
-                (extra["returns"] * fmask).sum(), (advantages * fmask).sum(), (extra["values"] * fmask).sum(),
-                fmask.sum(),
-            ]))
-            returns_sum, advantages_sum, values_sum, tokens = sums.unbind()
-            stats["ppo/returns/mean"] = returns_sum / tokens
-            stats["ppo/policy/advantages_mean"] = advantages_sum / tokens
-            stats["ppo/val/mean"] = values_sum / tokens
+        stats.update(self.estimator.advantage_stats(exp, self.all_reduce_sum))
         return {name: float(value) for name, value in stats.items()}
 
     def update_mode(self) -> None:
@@ -278,13 +274,9 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         """
         self.policy.train(not self.ppo.disable_dropout or self.ppo.gradient_checkpointing)
 
-    @property
-    def dapo(self) -> bool:
-        return self.ppo.advantage_estimator == "grpo" and self.ppo.loss_type == "dapo"
-
-    def ppo_update(self, exp: Experience) -> dict[str, float]:
+    def update(self, exp: Experience) -> dict[str, float]:
         """Step 6: `ppo_epochs` passes over shuffled mini-batches; one optimizer step each."""
-        ppo = self.ppo
+        ppo, estimator = self.ppo, self.estimator
         optimizer = self.optimizers()
         self.update_mode()
         stats = defaultdict(list)
@@ -292,11 +284,15 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             # the first epoch in the micro-batches the rollout was scored in: ratio exactly 1 before any step
             mini_batches = exp.first_epoch if epoch == 0 and exp.first_epoch else self.update_batches(exp.mask.shape[0])
             for micro_batches in mini_batches:
-                mb_tokens = None
-                if self.dapo:  # normalised by the mini-batch's tokens on every rank, per rank
-                    mb_tokens = float(self.all_reduce_sum(exp.mask[torch.cat(micro_batches)].sum())) / self.world_size
+                # the token count a token-level loss is divided by, the same for every micro-batch of
+                # the step, so gradient accumulation adds up to the update without it
+                num_items = None
+                if estimator.token_normaliser != "sequences":
+                    num_items = float(exp.mask[torch.cat(micro_batches)].sum())  # this rank's mini-batch tokens
+                    if estimator.token_normaliser == "step":
+                        num_items = float(self.all_reduce_sum(torch.tensor(num_items, device=self.device))) / self.world_size
                 for i, micro_idx in enumerate(micro_batches):
-                    mb = exp.select(micro_idx)
+                    mb = exp.select(micro_idx)  # b rows, trimmed to (b, p) prompts and (b, t) responses
                     _, mb_logprobs, mb_vpred = logprobs_and_values(
                         self.policy,
                         self.arch,
@@ -305,13 +301,13 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
                         mb.response_ids,
                         mb.mask,
                         self.generation.temperature,
-                    )
-                    loss, mb_stats = self.loss(mb, mb_logprobs, mb_vpred, mb_tokens)
+                    )  # (b, t, V) unused, (b, t), (b, t) or None without a value head
+                    loss, mb_stats = estimator.loss(mb, mb_logprobs, mb_vpred, self.kl_ctl.value, num_items)
                     with self.gradient_sync(i == len(micro_batches) - 1):
-                        # dapo's normaliser already counts the whole mini-batch; the others average micro-batches
-                        self.manual_backward(loss if self.dapo else loss / ppo.gradient_accumulation_steps)
+                        # a token-sum loss already counts the whole mini-batch; a mean is averaged over micro-batches
+                        self.manual_backward(loss if num_items is not None else loss / ppo.gradient_accumulation_steps)
                     with torch.no_grad():
-                        log_ratio = mb_logprobs - mb.logprobs
+                        log_ratio = mb_logprobs - mb.logprobs  # (b, t)
                         mb_stats["ppo/policy/ratio_mean"] = masked_mean(torch.exp(log_ratio), mb.mask)
                         mb_stats["ppo/policy/approxkl"] = 0.5 * masked_mean(log_ratio.square(), mb.mask)
                         for name, value in mb_stats.items():
@@ -326,30 +322,6 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         means = (self.all_reduce_sum(means) / self.world_size).tolist()
         return dict(zip(stats.keys(), means, strict=True))
 
-    def loss(
-        self, mb: Experience, mb_logprobs: torch.Tensor, mb_vpred: torch.Tensor | None, mb_tokens: float | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The chosen estimator's loss on one micro-batch, and its trl-named statistics."""
-        ppo = self.ppo
-        if ppo.advantage_estimator == "gae":
-            pg_loss, clipfrac, _ = ppo_math.policy_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange)
-            vf_loss, vf_clipfrac = ppo_math.value_loss(mb_vpred, mb.values, mb.returns, mb.mask, ppo.cliprange_value)
-            loss = pg_loss + ppo.vf_coef * vf_loss
-            return loss, {
-                "ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
-                "ppo/policy/clipfrac": clipfrac, "ppo/val/clipfrac": vf_clipfrac,
-                "ppo/val/vpred": masked_mean(mb_vpred, mb.mask),
-            }
-        if ppo.advantage_estimator == "rloo":
-            loss, clipfrac, _ = estimators.rloo_loss(mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange)
-            return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac}
-        beta = self.kl_ctl.value if ppo.needs_reference else 0.0
-        loss, clipfrac, kl = estimators.grpo_loss(
-            mb_logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.cliprange, beta=beta, ref_logprobs=mb.ref_logprobs,
-            loss_type=ppo.loss_type, max_completion_length=self.generation.output_max_length, num_items=mb_tokens,
-        )
-        return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac, "ppo/policy/kl_k3": kl}
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self.restore_resumed_rng()
         guard = self.skips
@@ -361,7 +333,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         # all-reduce needs every rank in the update).
         bad = self.on_any_rank(nonfinite_parts(experience, stats))
         if not bad:
-            stats.update(self.ppo_update(experience))
+            stats.update(self.update(experience))
             bad = [] if math.isfinite(stats["ppo/loss/total"]) else ["loss"]
             if not all(torch.isfinite(p).all() for p in self.trainable_parameters().values()):
                 bad.append("updated weights")
@@ -375,7 +347,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         else:
             guard.consecutive = 0
             # 7. adapt the KL coefficient to the KL of the global batch (the same on every rank)
-            if "objective/kl" in stats:  # absent only for grpo without a reference (beta fixed at 0)
+            if "objective/kl" in stats:  # absent only without a reference pass (a coefficient fixed at 0)
                 responses = self.batch_size * self.ppo.samples_per_prompt * self.world_size
                 self.kl_ctl.update(stats["objective/kl"], responses)
         stats["ppo/skipped_iterations"] = guard.total
@@ -396,15 +368,10 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         """Nothing per batch: `python train.py test` is evaluated as a whole by the
         `ToxicityEvaluation` callback (same prompts, seed and pairing as during fit)."""
 
-    # ---- predict: `python train.py predict` (detox_lightning.evaluation.predict.PredictionWriter seeds, scores, writes) ----
-
-    predict_max_new_tokens: int | None = None  # set by PredictionWriter; None: generation.output_max_length
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, list[str]]:
-        """One sampled summary per prompt, with this module's generation settings."""
-        max_new_tokens = self.predict_max_new_tokens or self.generation.output_max_length
-        samples = self.sample(batch["input_ids"], batch["attention_mask"], max_new_tokens)
-        return {"query": batch["query"], "summary": self.decode(samples.response_ids)}
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Nothing per batch: `python train.py predict` is sampled (through `sample` and `decode`),
+        scored and written by the `PredictionWriter` callback, whose summary cap is the
+        evaluation's, a setting of the callbacks that this module does not know."""
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -1,28 +1,23 @@
-"""The PPO module's typed settings (YAML `model.init_args.ppo` / `.generation`) and their checks."""
+"""The RL module's typed settings (YAML `model.init_args.ppo` / `.generation`) and their checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from detox_lightning.rl import ppo_math
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems
-from detox_lightning.rl.estimators import (
-    ESTIMATORS,
-    GRPO_LOSS_TYPES,
-    SCALE_REWARDS,
-    Estimator,
-    GRPOLossType,
-    ScaleRewards,
-)
+from detox_lightning.rl.estimators import estimator_problems, samples_per_prompt_problem
+from detox_lightning.rl.estimators.grpo import SCALE_REWARDS, ScaleRewards
+from detox_lightning.rl.kl import KL_PENALTIES, KLPenalty
+from detox_lightning.rl.losses import GRPO_LOSS_TYPES, GRPOLossType
 
 
 @dataclass
 class GenerationSettings:
-    """How responses are sampled during PPO (the notebook's settings by default).
+    """How responses are sampled during training (the notebook's settings by default).
 
     Args:
         min_length: minimum decoder length, start token included (as `generate`'s `min_length`).
-        output_min_length: each PPO iteration draws its `max_new_tokens` uniformly from
+        output_min_length: each iteration draws its `max_new_tokens` uniformly from
             [output_min_length, output_max_length] (the notebook draws per prompt from [100, 400)).
         output_max_length: upper end of that draw; set both equal for a fixed cap.
         top_k: 0 samples from the whole vocabulary.
@@ -46,67 +41,74 @@ class GenerationSettings:
 
 @dataclass
 class RLSettings:
-    """PPO hyper-parameters (trl's classic defaults, the notebook's learning rate and batch split).
+    """RL hyper-parameters (trl's classic PPO defaults, the notebook's learning rate and batch split).
 
     Args:
         advantage_estimator: `gae` (PPO with a value head, the default), `rloo` (REINFORCE
-            leave-one-out, trl's RLOOTrainer) or `grpo` (group-normalised, trl's GRPOTrainer). The
-            last two train no value head and need `samples_per_prompt` >= 2.
+            leave-one-out, trl's RLOOTrainer), `grpo` (group-normalised, trl's GRPOTrainer),
+            `reinforce_plus_plus` (OpenRLHF's REINFORCE++: KL-shaped per-token rewards, discounted
+            returns normalised over the batch, no critic) or `reinforce_plus_plus_baseline` (the
+            same on scores minus their group's mean; gamma 1). All but `gae` train no value head;
+            rloo, grpo and reinforce_plus_plus_baseline need `samples_per_prompt` >= 2.
         samples_per_prompt: k responses per prompt, sampled in the same batched `generate` (the
             prompts repeated); rloo/grpo compare the k with each other. An iteration then holds
             `data.batch_size * k` responses, and `mini_batch_size` counts responses.
         normalize_advantages: rloo: normalise the advantages over the whole batch (trl's
-            `normalize_advantages`, off by default as there). gae always whitens.
+            `normalize_advantages`, off by default as there). gae and reinforce_plus_plus always
+            normalise over the batch's response tokens.
         scale_rewards: grpo: divide each advantage by its group's reward std (`group`, trl's
             default), the batch's (`batch`) or nothing (`none`).
         loss_type: grpo: how token losses are aggregated, as trl's `loss_type`: `dapo` (trl's
             default: the mean over the mini-batch's tokens of every rank), `grpo`, `bnpo`, `dr_grpo`.
+        use_bias_correction_kl: grpo: multiply the k3 KL term by the importance ratio to the
+            rollout policy (trl's `use_bias_correction_kl`, on by default as there).
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay (0 = trl's Adam).
-        mini_batch_size: prompts per optimizer step; must divide the batch size.
+        mini_batch_size: responses per optimizer step; must divide `data.batch_size * samples_per_prompt`.
         ppo_epochs: passes over the batch per iteration.
         gradient_accumulation_steps: micro-batches per mini-batch (must divide mini_batch_size).
         cliprange: policy ratio clip.
         cliprange_value: value prediction clip around the rollout values.
         vf_coef: value loss weight.
-        gamma: discount.
+        gamma: discount of gae and reinforce_plus_plus (reinforce_plus_plus_baseline needs 1).
         lam: GAE lambda.
         max_grad_norm: clip the gradient norm to this; None: no clipping.
         kl_penalty: per-token KL estimate in the reward: k1 (log-ratio), abs, mse or full (exact,
             over the vocabulary, from the policy and reference logits of each scoring chunk).
         init_kl_coef: initial KL coefficient (trl's `beta` for rloo and grpo: rloo subtracts
             beta * the summed KL from each sequence's score, grpo adds beta * the k3 KL per token
-            to the loss). grpo with 0 and `adap_kl_ctrl: false` skips the reference pass.
+            to the loss). 0 with `adap_kl_ctrl: false` skips the reference pass (any estimator).
         adap_kl_ctrl: adapt the coefficient towards `target` (else it stays fixed).
         target: target of the adaptive controller, in KL summed over a response.
         horizon: horizon of the adaptive controller.
         score_clip: clip scores to [-score_clip, score_clip] after scaling; None: no clip.
         score_scaling: divide scores by the running std of all scores seen.
         missing_eos_penalty: subtract this from the score of responses that never emit EOS.
-        disable_dropout: keep the policy and value head in eval mode during the PPO update, so that
+        disable_dropout: keep the policy and value head in eval mode during the update, so that
             old and new log-probs agree and at the first iteration the policy equals the reference
             (KL 0, ratio 1). False: dropout on in the update, as the notebook.
-        gradient_checkpointing: recompute each T5 block's activations in the update's backward pass
+        gradient_checkpointing: recompute each transformer block's activations in the update's backward pass
             instead of keeping them (less memory for about one more forward pass per mini-batch).
             Checkpointing runs only in train mode, so with `disable_dropout` every dropout
             probability of the policy is set to 0 and the update runs in train mode.
         logprobs_from_generate: take rollout log-probs and values from `generate`'s own logits and
             hidden states instead of a second forward pass. None (default): only where that is
-            exact, i.e. float32 base weights (first-step KL measured at 6e-6 over 200 tokens). In
-            bfloat16 the cached incremental decode rounds differently from the teacher-forced
-            forward that gives the reference's and the update's log-probs (first-step KL 0.19 over
-            200 tokens on the tiny T5), so None takes the forward pass there. True costs memory:
+            exact, i.e. float32 base weights. In bfloat16 the cached incremental decode rounds
+            differently from the teacher-forced forward that gives the reference's and the
+            update's log-probs, so the first step's KL would not be 0: None takes the forward pass
+            there (the README's precision section has the figures). True costs memory:
             generation's (B, T, V) step logits live until the rollout is scored.
         max_consecutive_skips: an iteration whose rewards, advantages, loss or updated weights are
             NaN/inf is skipped (no update kept; counted in `ppo/skipped_iterations`); the run stops
             with an error when this many iterations in a row were skipped.
     """
 
-    advantage_estimator: Estimator = "gae"
+    advantage_estimator: str = "gae"
     samples_per_prompt: int = 1
     normalize_advantages: bool = False
     scale_rewards: ScaleRewards = "group"
     loss_type: GRPOLossType = "dapo"
+    use_bias_correction_kl: bool = True
     learning_rate: float = 1.41e-5
     weight_decay: float = 0.0
     mini_batch_size: int = 4
@@ -118,7 +120,7 @@ class RLSettings:
     gamma: float = 1.0
     lam: float = 0.95
     max_grad_norm: float | None = 1.0
-    kl_penalty: ppo_math.KLPenalty = "k1"
+    kl_penalty: KLPenalty = "k1"
     init_kl_coef: float = 0.2
     adap_kl_ctrl: bool = True
     target: float = 6.0
@@ -135,34 +137,22 @@ class RLSettings:
         if self.max_consecutive_skips < 1:
             raise ConfigError(f"model.ppo.max_consecutive_skips={self.max_consecutive_skips} must be at least 1")
 
-    @property
-    def critic_free(self) -> bool:
-        """rloo and grpo: no value head, no value loss."""
-        return self.advantage_estimator in ("rloo", "grpo")
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether any KL to the reference enters training (grpo with a fixed beta of 0: none)."""
-        return not (self.advantage_estimator == "grpo" and self.init_kl_coef == 0 and not self.adap_kl_ctrl)
-
 
 def check_settings(batch_size: int, ppo: RLSettings, generation: GenerationSettings) -> None:
     """Raise one ConfigError naming every inconsistent or out-of-range setting."""
     problems = []
     k = ppo.samples_per_prompt
     choices = {
-        "advantage_estimator": (ppo.advantage_estimator, ESTIMATORS),
         "scale_rewards": (ppo.scale_rewards, SCALE_REWARDS),
         "loss_type": (ppo.loss_type, GRPO_LOSS_TYPES),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             problems.append(f"model.ppo.{name}={value!r} is not one of {', '.join(allowed)}")
-    if k < 1 or (ppo.critic_free and k < 2):
-        problems.append(
-            f"model.ppo.samples_per_prompt={k} must be at least "
-            + (f"2 with advantage_estimator={ppo.advantage_estimator!r} (it compares a prompt's samples)" if ppo.critic_free else "1")
-        )
+    problems += estimator_problems(ppo)  # an unknown name, or the estimator's own settings
+    samples_problem = samples_per_prompt_problem(ppo)
+    if samples_problem:
+        problems.append(samples_problem)
     elif ppo.mini_batch_size < 1 or (batch_size * k) % ppo.mini_batch_size:
         rows = f"data.batch_size={batch_size}" + (f" x model.ppo.samples_per_prompt={k} = {batch_size * k} responses" if k > 1 else "")
         problems.append(f"{rows} is not divisible by model.ppo.mini_batch_size={ppo.mini_batch_size}")
@@ -173,8 +163,8 @@ def check_settings(batch_size: int, ppo: RLSettings, generation: GenerationSetti
         )
     if ppo.learning_rate <= 0:
         problems.append(f"model.ppo.learning_rate={ppo.learning_rate} must be positive")
-    if ppo.kl_penalty not in ("k1", "abs", "mse", "full"):
-        problems.append(f"model.ppo.kl_penalty={ppo.kl_penalty!r} is not one of k1, abs, mse, full")
+    if ppo.kl_penalty not in KL_PENALTIES:
+        problems.append(f"model.ppo.kl_penalty={ppo.kl_penalty!r} is not one of {', '.join(KL_PENALTIES)}")
     p, g = "model.ppo.", "model.generation."
     problems += [
         out_of_range(p + "ppo_epochs", ppo.ppo_epochs, 1),
