@@ -16,17 +16,12 @@ from helpers import fit
 from lightning.pytorch.callbacks import Callback
 
 from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
-from detox_lightning.io.checkpoint import (
-    EpochSeededSampler,
-    RLCheckpoint,
-    ResumableDataLoader,
-    capture_rng_states,
-    ppo_iterations,
-    restore_rng_states,
-)
+from detox_lightning.data.sampler import EpochSeededSampler, ResumableDataLoader
 from detox_lightning.errors import ConfigError
-from detox_lightning.training.guards import NonFiniteError
+from detox_lightning.io.checkpoint import RLCheckpoint, iterations_done
 from detox_lightning.rewards.classifiers import RewardModel
+from detox_lightning.training.guards import NonFiniteError
+from detox_lightning.training.resumable import capture_rng_states, restore_rng_states
 from detox_lightning.training.settings import RLSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +38,11 @@ class SigkillAfterIteration(Callback):
         self.iteration, self.during_save = iteration, during_save
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.during_save and ppo_iterations(trainer) == self.iteration:
+        if not self.during_save and iterations_done(trainer) == self.iteration:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        if self.during_save and ppo_iterations(trainer) == self.iteration:
+        if self.during_save and iterations_done(trainer) == self.iteration:
             checkpoint["zz_kill_while_pickling"] = KillWhenPickled()  # after the tensors: a half-written file
 
 
@@ -234,22 +229,22 @@ class RecordOptimizerState(Callback):
 
 
 def test_nan_loss_rolls_back_weights_and_optimizer_state(tiny_t5, tiny_classifier, sample_data, tmp_path, monkeypatch):
-    from detox_lightning.rl import ppo_math
+    from detox_lightning.rl import losses
 
     module = None
     poisoned = []  # (PPO iterations done, optimizer steps done) when the NaN was returned
     calls = []
-    value_loss = ppo_math.value_loss
+    value_loss = losses.value_loss
 
     def nan_on_third_minibatch(*args, **kwargs):  # value_loss runs once a mini-batch
         loss, clipfrac = value_loss(*args, **kwargs)
         calls.append(1)
         if len(calls) != 3:
             return loss, clipfrac
-        poisoned.append((ppo_iterations(module.trainer), module.trainer.global_step))
+        poisoned.append((iterations_done(module.trainer), module.trainer.global_step))
         return loss * float("nan"), clipfrac
 
-    monkeypatch.setattr(ppo_math, "value_loss", nan_on_third_minibatch)
+    monkeypatch.setattr(losses, "value_loss", nan_on_third_minibatch)
     pl.seed_everything(0)
     module = make_module(tiny_t5, HFClassifierReward(tiny_classifier))  # 2 mini-batches of 2 an iteration
     weights, optimizer = RecordWeights(), RecordOptimizerState()

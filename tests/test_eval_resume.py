@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 
 from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
-from detox_lightning.io.checkpoint import RLCheckpoint
 from detox_lightning.evaluation.toxicity import ToxicityEvaluation
+from detox_lightning.io.checkpoint import RLCheckpoint
 from detox_lightning.training.settings import RLSettings
 
 

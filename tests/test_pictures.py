@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
-from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 from detox_lightning.evaluation.pictures import PNG_NAME
+from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 from detox_lightning.rewards.classifiers import ProfanityCheckReward
 from detox_lightning.training.settings import RLSettings
 

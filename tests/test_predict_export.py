@@ -14,14 +14,14 @@ from detox_lightning import (
     DialogSumDataModule,
     HFClassifierReward,
     PolicyConfig,
-    RLDetoxModule,
     ProfanityCheckReward,
     RewardModel,
+    RLDetoxModule,
 )
 from detox_lightning.cli import main
+from detox_lightning.evaluation.predict import PredictionWriter
 from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 from detox_lightning.export import export_merged
-from detox_lightning.evaluation.predict import PredictionWriter
 from detox_lightning.training.settings import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import yaml
 
 from detox_lightning import CombinedReward, FunctionReward, HFClassifierReward
 from detox_lightning.errors import ConfigError
-from detox_lightning.evaluation.toxicity import toxicity_of
+from detox_lightning.evaluation.scoring import toxicity_of
 from detox_lightning.rewards.functions import repeated_bigram_penalty, short_response_penalty
 
 ROOT = Path(__file__).resolve().parents[1]

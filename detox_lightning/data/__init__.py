@@ -1,4 +1,5 @@
-"""Prompt data: the DataModule (DialogSum or any prompt dataset), row filters and nested fields."""
+"""Prompt data: the DataModule (DialogSum or any prompt dataset), local data files, row filters and
+nested fields, and the resumable data order."""
 
 from detox_lightning.data.datamodule import DialogSumDataModule
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from detox_lightning.io.atomic import atomic_file
+
 PNG_NAME = "toxicity_before_after.png"
 
 
@@ -32,7 +34,7 @@ def write_png(
 ) -> Path:
     """One panel per scorer: before and after histograms, their means, and the paired 95% CI of the change.
 
-    Written beside `path` and renamed over it, so a reader never sees half a file.
+    Written atomically (`io.atomic`), so a reader never sees half a file.
     """
     import matplotlib
 
@@ -57,7 +59,6 @@ def write_png(
         ax.set_ylabel("responses")
         ax.set_xlim(0, 1)
         ax.legend(fontsize=8)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path

@@ -3,16 +3,17 @@
     python train.py predict --config configs/tiny_detox.yaml --ckpt_path <run>/checkpoints/last.ckpt
     python train.py predict --config configs/tiny_detox.yaml --model.init_args.policy.adapter_name_or_path <run>/adapter_best
 
-Lightning's predict loop runs `RLDetoxModule.predict_step` (one sampled summary per prompt) over
-`data.predict_path` (default: the held-out split); `PredictionWriter` seeds each batch, scores the
-summaries as the evaluation does (`evaluation.toxicity_of`, on the evaluation's `text`, by the
-reward's classifier and the evaluation's judge) and writes `<log_dir>/predictions.jsonl`.
+Lightning's predict loop hands `data.predict_path`'s prompts (default: the held-out split) batch
+by batch; `PredictionWriter` samples one summary per prompt through the module's `sample` and
+`decode` under a per-batch seed, as the evaluation samples, scores them as the evaluation does
+(`evaluation.scoring`: on the evaluation's `text`, by the reward's classifier and the evaluation's
+judge) and writes `<log_dir>/predictions.jsonl`. The writer samples rather than the module's
+`predict_step` because the cap is the evaluation's, which only the callbacks know.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -20,50 +21,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from detox_lightning.data.datamodule import FILE_BUILDERS
-from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
-
-
-def load_dialogues(path: str):
-    """The rows of a jsonl/json/csv/parquet file with a `dialogue` column, every row kept.
-
-    Returns:
-        a `datasets.Dataset` with the `dialogue` column (and `id` when the file has one).
-
-    Raises:
-        ConfigError: no such file, another format, no row, no `dialogue` column (its columns
-            listed), or a row whose dialogue is not text.
-    """
-    from datasets import load_dataset
-
-    flag = f"data.predict_path={path!r}"
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"{flag}: no such file")
-    builder = FILE_BUILDERS.get(file.suffix)
-    if builder is None:
-        raise ConfigError(f"{flag}: expected a {', '.join(sorted(FILE_BUILDERS))} file")
-    if file.stat().st_size == 0:
-        raise ConfigError(f"{flag} is empty; expected rows with a 'dialogue' column")
-    try:
-        with user_input(f"{flag} could not be read as {file.suffix[1:]}"):
-            dataset = load_dataset(builder, data_files={"predict": str(file)}, split="predict")
-    except ConfigError as err:
-        if "corresponds to no data" in str(err):  # datasets' words for a split of 0 rows (a csv header alone)
-            raise ConfigError(f"{flag} has no rows; expected rows with a 'dialogue' column") from err
-        raise
-    if "dialogue" not in dataset.column_names:
-        raise ConfigError(f"{flag} has no 'dialogue' column; its columns are {dataset.column_names}")
-    if len(dataset) == 0:
-        raise ConfigError(f"{flag} has no rows; expected rows with a 'dialogue' column")
-    bad = next((i for i, d in enumerate(dataset["dialogue"]) if not isinstance(d, str) or not d.strip()), None)
-    if bad is not None:
-        raise ConfigError(f"{flag}: row {bad} has no dialogue text ({dataset[bad]['dialogue']!r})")
-    return dataset.select_columns([c for c in ("id", "dialogue") if c in dataset.column_names])
+from detox_lightning.errors import out_of_range, raise_problems
+from detox_lightning.evaluation.scoring import run_scoring, toxicity_of
+from detox_lightning.io.atomic import write_text
 
 
 class PredictionWriter(Callback):
-    """Seed, score and write `python train.py predict`'s summaries to `<log_dir>/predictions.jsonl`.
+    """Sample, score and write `python train.py predict`'s summaries to `<log_dir>/predictions.jsonl`.
 
     One JSON line per dialogue, in the file's order: `dialogue`, `summary`, `toxicity` (the
     reward classifier's probability of the toxic label, as the evaluation's) and `judge_toxicity`
@@ -85,27 +49,24 @@ class PredictionWriter(Callback):
             prefix="PredictionWriter: ",
         )
         self.seed, self.max_new_tokens, self.filename = seed, max_new_tokens, filename
-        self.rows: list[dict] = []
+        self.rows: list[tuple[int, dict]] = []
+        self.cap: int | None = None  # this run's summary cap, fixed at predict start
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from detox_lightning.evaluation.toxicity import ToxicityEvaluation
-
-        evaluation = next((c for c in trainer.callbacks if isinstance(c, ToxicityEvaluation)), None)
-        self.text = evaluation.text if evaluation is not None else pl_module.reward.text
-        self.judge = evaluation.judge if evaluation is not None else None
+        scoring = run_scoring(trainer)  # the ToxicityEvaluation's settings, None without one
+        self.text = scoring.text if scoring is not None else pl_module.reward.text
+        self.judge = scoring.judge if scoring is not None else None
         if self.judge is not None:
             self.judge.to(pl_module.device)
-        cap = self.max_new_tokens or (evaluation.max_new_tokens if evaluation is not None else None)
-        pl_module.predict_max_new_tokens = cap or pl_module.generation.output_max_length
+        cap = self.max_new_tokens or (scoring.max_new_tokens if scoring is not None else None)
+        self.cap = cap or pl_module.generation.output_max_length
         self.rows = []
 
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        torch.manual_seed(self.seed + batch_idx)
-
+    @torch.no_grad()
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        from detox_lightning.evaluation.toxicity import toxicity_of
-
-        queries, summaries = outputs["query"], outputs["summary"]
+        torch.manual_seed(self.seed + batch_idx)
+        samples = pl_module.sample(batch["input_ids"], batch["attention_mask"], self.cap)
+        queries, summaries = batch["query"], pl_module.decode(samples.response_ids)
         toxicity = toxicity_of(pl_module.reward, queries, summaries, self.text).tolist()
         judged = toxicity_of(self.judge, queries, summaries, self.text).tolist() if self.judge is not None else None
         for i, row in enumerate(batch["row"]):
@@ -128,12 +89,10 @@ class PredictionWriter(Callback):
         if not trainer.is_global_zero:
             return
         lines = [line for _, line in sorted(dict(rows).items())]  # DDP's sampler pads with repeated rows
-        out_dir = Path(log_dir or trainer.default_root_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / self.filename
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-        os.replace(tmp, path)
+        path = write_text(
+            Path(log_dir or trainer.default_root_dir) / self.filename,
+            "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+        )
         source = trainer.datamodule.predict_path if trainer.datamodule is not None else None
         mean = sum(line["toxicity"] for line in lines) / len(lines)
         judge = ""
@@ -141,7 +100,7 @@ class PredictionWriter(Callback):
             judge = f", judge {sum(line['judge_toxicity'] for line in lines) / len(lines):.4f}"
         rank_zero_info(
             f"predict: {len(lines)} summaries of {source or 'the held-out split'} (seed {self.seed}, "
-            f"at most {pl_module.predict_max_new_tokens} tokens); mean toxicity {mean:.4f}{judge}; wrote {path}"
+            f"at most {self.cap} tokens); mean toxicity {mean:.4f}{judge}; wrote {path}"
         )
 
 

@@ -1,4 +1,5 @@
-"""Files that outlive the process: atomic writes and lean, resumable checkpoints."""
+"""Files that outlive the process: the atomic writer every output goes through, and the lean,
+restartable checkpoints."""
 
 from detox_lightning.io.checkpoint import PPOCheckpoint, RLCheckpoint
 

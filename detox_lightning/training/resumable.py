@@ -1,21 +1,64 @@
-"""What makes an RL run restartable and guardable: per-rank RNG streams, snapshots for the non-finite
-guard's rollback, the base model's fingerprint, and the checkpoint hooks that save and restore them.
+"""What makes an RL run restartable and guardable: RNG states in a form checkpoints can hold,
+per-rank RNG streams, snapshots for the non-finite guard's rollback, the base model's fingerprint,
+and the checkpoint hooks that save and restore them.
 
-Mixed into `RLDetoxModule`, which provides `policy`, `policy_config`, `kl_ctl`, `score_moments`,
-`skips` and the `DataParallelMixin` reductions.
+Lightning restores the module, optimizer, loop progress and callback states on
+`fit(ckpt_path=...)`, but no RNG state: without `ppo_state["rng"]` a resumed run samples other
+responses than an uninterrupted one. The data position is the loader's (`data.sampler`), the
+checkpoint files are `io.checkpoint`'s.
+
+`ResumableRLMixin` is mixed into `RLDetoxModule`, which provides `policy`, `policy_config`,
+`kl_ctl`, `score_moments`, `skips` and the `DataParallelMixin` reductions.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 from dataclasses import asdict
+from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from detox_lightning.io.checkpoint import capture_rng_states, ppo_iterations, restore_rng_states
 from detox_lightning.errors import ConfigError
+from detox_lightning.io.checkpoint import iterations_done
+
+# ---- RNG states (plain tensors and ints, so that `weights_only` loading accepts them) ----
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states."""
+    np_state = np.random.get_state(legacy=False)
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    """Set the states `capture_rng_states` took (CUDA's only on as many devices as saved them)."""
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- the module's restart and rollback plumbing ----
 
 
 class ResumableRLMixin:
@@ -99,7 +142,7 @@ class ResumableRLMixin:
             "score_moments": self.score_moments.state_dict(),
             "policy": asdict(self.policy_config),
             "base_model": self.base_fingerprint(),
-            "iterations": ppo_iterations(self.trainer) if self._trainer is not None else 0,
+            "iterations": iterations_done(self.trainer) if self._trainer is not None else 0,
             "skipped_iterations": guard.total,
             "consecutive_skips": guard.consecutive,
             "rng": capture_rng_states(),
