@@ -1,9 +1,9 @@
 """`python -m detox_lightning.export --adapter DIR --out DIR --merge`: a standalone merged model.
 
 The adapter's LoRA weights are folded into its base model (peft's `merge_and_unload`) and the
-result is saved with the tokenizer, so it loads with `AutoModelForSeq2SeqLM.from_pretrained(out)`
-(or `AutoModelForCausalLM` for a decoder-only policy: the class follows the base model's
-`is_encoder_decoder`) and generates without peft. The base model is the adapter's own
+result is saved with the tokenizer, so it loads with the base model's own Auto class (seq2seq or
+causal, as `Architecture.auto_model_class` picks it; the command prints which) and generates
+without peft. The base model is the adapter's own
 `base_model_name_or_path` unless `--base` names another copy of it (e.g. on another machine).
 """
 
@@ -11,23 +11,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 from detox_lightning.errors import ConfigError, user_input
-
-DTYPES = ("float32", "bfloat16")
+from detox_lightning.io.atomic import write_directory
 
 
 def model_class(base: str, trust_remote_code: bool = False):
-    """`AutoModelForSeq2SeqLM` for an encoder-decoder base, `AutoModelForCausalLM` otherwise."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    """The transformers Auto class that loads `base` (its `Architecture`'s)."""
+    from transformers import AutoConfig
 
+    from detox_lightning.models.architectures import architecture_of
     from detox_lightning.offline.builtin import resolve
 
     with user_input(f"the base model {base!r} could not be read (expected a hub id, a local model directory or a builtin: name)"):
         config = AutoConfig.from_pretrained(resolve(base), trust_remote_code=trust_remote_code)
-    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return architecture_of(config).auto_model_class()
 
 
 def adapter_base(adapter: str | Path) -> str | None:
@@ -52,15 +51,15 @@ def export_merged(
     """Merge `adapter` into its base model and save model + tokenizer to `out` (a new or empty directory).
 
     Everything is written to a temporary directory beside `out` and renamed into place at the
-    end, so a failure leaves nothing behind.
+    end (`io.atomic.write_directory`), so a failure leaves nothing behind.
 
     Returns:
         `out` and the transformers Auto class that loads it.
     """
-    import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from detox_lightning.models.dtypes import DTYPES
     from detox_lightning.offline.builtin import resolve
 
     out = Path(out).expanduser()
@@ -74,16 +73,15 @@ def export_merged(
         raise ConfigError(f"--adapter {str(adapter)!r} names no base model; pass --base")
     auto = model_class(base, trust_remote_code)
     with user_input(f"the base model {base!r} could not be loaded with {auto.__name__}"):
-        model = auto.from_pretrained(resolve(base), dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(resolve(base), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     with user_input(f"--adapter {str(adapter)!r} could not be loaded as a PEFT adapter of {base!r}"):
         model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
     merged = model.merge_and_unload()
     has_tokenizer = any((Path(adapter).expanduser() / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     with user_input("the tokenizer could not be loaded from the adapter or its base model"):
         tokenizer = AutoTokenizer.from_pretrained(str(Path(adapter).expanduser()) if has_tokenizer else resolve(base))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
-        staged = Path(tmp) / "model"
+
+    def fill(staged: Path) -> None:
         merged.save_pretrained(staged, safe_serialization=True)
         tokenizer.save_pretrained(staged)
         (staged / "README.md").write_text(
@@ -91,9 +89,9 @@ def export_merged(
             f"`merge_and_unload`)\n- dtype: {dtype}\n\nLoad with `{auto.__name__}.from_pretrained(this_dir)` and "
             f"`AutoTokenizer.from_pretrained(this_dir)`; no peft needed.\n"
         )
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staged.rename(out)
+
+    if not write_directory(out, fill, replace=False):  # never over a model: `out` was checked empty above
+        raise ConfigError(f"--out {str(out)!r} was filled by another process during the export; name a new one")
     return out, auto
 
 
@@ -104,12 +102,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from detox_lightning.models.dtypes import DTYPES
+
     parser = _Parser(prog="python -m detox_lightning.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="a PEFT adapter directory (e.g. <log_dir>/adapter_best)")
     parser.add_argument("--out", required=True, help="a new (or empty) directory for the merged model")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into its base model (required)")
     parser.add_argument("--base", default=None, help="the base model (default: the adapter's base_model_name_or_path)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the merged weights")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the merged weights")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the base model")
     args = parser.parse_args(argv)
     from detox_lightning.cli import quiet_library_noise

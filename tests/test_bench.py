@@ -33,7 +33,7 @@ def test_bench_tiny_prints_json_with_every_key(tmp_path):
     assert KEYS <= result.keys()
     for key in KEYS - {"shape", "dtype", "versions"}:
         assert result[key] > 0, key
-    assert (result["shape"], result["dtype"], result["new_tokens"]) == ("tiny", "fp32", 4)
+    assert (result["shape"], result["dtype"], result["new_tokens"]) == ("tiny", "float32", 4)
     assert set(result["split"]) == {"ours", "notebook", "floor"}
     assert set(result["rss_phases_mb"]) == {"ours", "notebook", "floor"}
     assert "| ours |" in res.stdout and "| notebook |" in res.stdout

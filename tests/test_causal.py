@@ -96,18 +96,18 @@ def scalars(root):
     return tensorboard_scalars(root)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_causal_first_iteration_kl_is_zero_and_ratio_one(tmp_path, perturbed_causal_adapter, dtype):
+def assert_first_iteration_exact(tmp_path, adapter, dtype, *args):
+    """One iteration of configs/tiny_causal.yaml (with `args`) from a non-zero `adapter`, 200-token
+    responses: the policy equals its reference, so KL 0 and ratio 1 (exactly 1 in bfloat16)."""
     config = yaml.safe_load((ROOT / "configs" / "tiny_causal.yaml").read_text())
     config["trainer"]["callbacks"] = []
     config["trainer"]["enable_checkpointing"] = False
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     result = run_train("fit", "--config", str(tmp_path / "c.yaml"), "--trainer.default_root_dir", str(tmp_path),
                        "--trainer.limit_train_batches", "1", "--model.init_args.policy.dtype", dtype,
-                       "--model.init_args.policy.adapter_name_or_path", perturbed_causal_adapter,
+                       "--model.init_args.policy.adapter_name_or_path", adapter,
                        "--model.init_args.generation.output_min_length", "200",
-                       "--model.init_args.generation.output_max_length", "200")
+                       "--model.init_args.generation.output_max_length", "200", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = scalars(tmp_path)
     assert logged["tokens/responses_len_mean"][0] > 50
@@ -115,6 +115,12 @@ def test_causal_first_iteration_kl_is_zero_and_ratio_one(tmp_path, perturbed_cau
     assert abs(logged["ppo/policy/ratio_first"][0] - 1) < 1e-3, logged["ppo/policy/ratio_first"]
     if dtype == "bfloat16":  # old log-probs from a forward in the first update's micro-batches: the same bits
         assert logged["ppo/policy/ratio_first"][0] == 1.0, logged["ppo/policy/ratio_first"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_causal_first_iteration_kl_is_zero_and_ratio_one(tmp_path, perturbed_causal_adapter, dtype):
+    assert_first_iteration_exact(tmp_path, perturbed_causal_adapter, dtype)
 
 
 def test_tiny_causal_config_trains_and_exports_a_causal_adapter(tmp_path, tiny_llama):

@@ -1,9 +1,9 @@
 """Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor.
 
-    python -m detox_lightning.bench                       # FLAN-T5-small shape, RoBERTa-base reward, CPU fp32
+    python -m detox_lightning.bench                       # FLAN-T5-small shape, RoBERTa-base reward, CPU float32
     python -m detox_lightning.bench --reward-quantize int8 --generation fast   # the CPU levers (README)
     python -m detox_lightning.bench --estimator rloo --batch-size 8 --samples-per-prompt 2 --skip-notebook
-    python -m detox_lightning.bench --shape base --device cuda --dtype bf16
+    python -m detox_lightning.bench --shape base --device cuda --dtype bfloat16
     python -m detox_lightning.bench --policy causal --model-dir /tmp/bm_causal   # a Llama shape of FLAN-T5-small's size
 
 Offline: the models have the real FLAN-T5 / RoBERTa shapes (or a Llama shape of the same size

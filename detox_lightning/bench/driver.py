@@ -16,7 +16,6 @@ import torch
 
 from detox_lightning.bench.memory import rss_mb
 from detox_lightning.bench.models import (
-    DTYPES,
     POLICIES,
     REWARD_SHAPES,
     SHAPES,
@@ -35,8 +34,9 @@ from detox_lightning.bench.ways import (
     run_ours,
     run_way,
 )
-from detox_lightning.rl.estimators import ESTIMATORS
+from detox_lightning.models.dtypes import DTYPES
 from detox_lightning.rewards.quantize import QUANTIZE_CHOICES
+from detox_lightning.rl.estimators import ESTIMATORS
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
 
@@ -47,7 +47,7 @@ def memory_worker(args) -> None:
     Also the peak RSS reached in each phase (Linux), named like the timing columns; in this
     module's iteration what `make_experience` does besides generate and reward is "logprobs".
     """
-    import detox_lightning  # noqa: F401 - torch, transformers, peft, trl and lightning, before the baseline
+    import detox_lightning.training  # noqa: F401 - torch, transformers, peft, trl and lightning, before the baseline
 
     baseline = rss_mb("VmRSS")  # the interpreter and imported libraries, before any model
     clock = Clock(torch.device(args.device), memory=True)
@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None):
                    help="seq2seq: FLAN-T5-shaped; causal: Llama-shaped of about the same size (CAUSAL_SHAPES)")
     p.add_argument("--shape", choices=list(SHAPES), default="small", help="size of the policy (FLAN-T5 small/base)")
     p.add_argument("--reward-shape", choices=list(REWARD_SHAPES), default="base", help="RoBERTa shape of the reward")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the base weights")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the base weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -270,7 +270,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--generation", choices=("plain", "fast"), default="plain",
                    help="fast: this module and the floor sample with generation.fast_sampling (the LoRA merged, "
                         "inverse CDF), the notebook's loop as the notebook")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="gae",
+    p.add_argument("--estimator", choices=list(ESTIMATORS), default="gae",
                    help="this module's advantage_estimator (the notebook and the floor are PPO)")
     p.add_argument("--samples-per-prompt", type=int, default=1,
                    help="responses per prompt (rloo, grpo: >= 2); the notebook and the floor take each prompt as often")
@@ -289,9 +289,10 @@ def parse_args(argv: list[str] | None):
     args = p.parse_args(argv)
     problems = []
     rows = args.batch_size * args.samples_per_prompt
-    if args.samples_per_prompt < 1 or (args.estimator != "gae" and args.samples_per_prompt < 2):
+    least = max(ESTIMATORS[args.estimator].min_samples_per_prompt, 1)
+    if args.samples_per_prompt < least:
         problems.append(f"--samples-per-prompt={args.samples_per_prompt} must be at least "
-                        + ("1" if args.estimator == "gae" else f"2 with --estimator={args.estimator}"))
+                        + ("1" if least == 1 else f"{least} with --estimator={args.estimator}"))
     elif rows % args.mini_batch_size:
         what = f"--batch-size={args.batch_size}" + (f" x --samples-per-prompt={args.samples_per_prompt}"
                                                      if args.samples_per_prompt > 1 else "")
@@ -303,8 +304,8 @@ def parse_args(argv: list[str] | None):
             problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device={args.device} but no CUDA device is available")
-    if args.dtype == "bf16" and args.device == "cpu":
-        print("note: bf16 on CPU is usually slower than fp32", file=sys.stderr)
+    if args.dtype == "bfloat16" and args.device == "cpu":
+        print("note: bfloat16 on CPU is usually slower than float32", file=sys.stderr)
     if problems:
         p.error("; ".join(problems))
     return args

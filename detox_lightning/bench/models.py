@@ -38,12 +38,11 @@ REWARD_SHAPES = {  # RobertaConfig fields of roberta-base (the hate classifier's
 }
 T5_VOCAB = 32128
 BPE_VOCAB = 700  # gives ~4 characters a token on the sample dialogues
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _corpus(n: int = 1000) -> list[str]:
-    from detox_lightning.offline import sample_data
     from detox_lightning.data.datamodule import NOTEBOOK_PROMPT
+    from detox_lightning.offline import sample_data
 
     rows = sample_data.make_dialogues(n, seed=12345, toxic_fraction=0.5)
     return [NOTEBOOK_PROMPT.format(dialogue=r["dialogue"]) for r in rows] + [r["summary"] for r in rows]
@@ -148,8 +147,8 @@ def build_reward(reward_dir: Path, reward_shape: str, corpus: list[str] | None =
 
 def make_prompts(tokenizer, n: int, seed: int) -> list[dict]:
     """`n` tokenized notebook prompts from sample dialogues of 200 < characters <= 1000 (the notebook's filter)."""
-    from detox_lightning.offline import sample_data
     from detox_lightning.data.datamodule import NOTEBOOK_PROMPT
+    from detox_lightning.offline import sample_data
 
     rows = [r for r in sample_data.make_dialogues(3 * n + 50, seed=seed) if 200 < len(r["dialogue"]) <= 1000][:n]
     prompts = []
@@ -178,17 +177,18 @@ def repeat_rows(batch: dict, k: int) -> dict:
 
 def make_reward(args, reward_dir: str, quantize: str | None = None):
     """The reward classifier; `quantize` None: as `--reward-quantize` says."""
-    from detox_lightning import HFClassifierReward
+    from detox_lightning.rewards import HFClassifierReward
 
     return HFClassifierReward(reward_dir, batch_size=args.reward_batch_size, quantize=quantize or args.reward_quantize)
 
 
 def make_module(args, policy_dir: str, reward_dir: str, reward_quantize: str | None = None):
-    from detox_lightning import GenerationSettings, PolicyConfig, RLDetoxModule, RLSettings
+    from detox_lightning.models import PolicyConfig
+    from detox_lightning.training import GenerationSettings, RLDetoxModule, RLSettings
 
     return RLDetoxModule(
         reward=make_reward(args, reward_dir, reward_quantize),
-        policy=PolicyConfig(model_name_or_path=policy_dir, dtype=DTYPES[args.dtype]),
+        policy=PolicyConfig(model_name_or_path=policy_dir, dtype=args.dtype),
         ppo=RLSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1,
                         gradient_checkpointing=args.gradient_checkpointing, advantage_estimator=args.estimator,
                         samples_per_prompt=args.samples_per_prompt),

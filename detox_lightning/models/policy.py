@@ -9,8 +9,6 @@ memory stay about 1x the base model.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +18,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from detox_lightning.models.architectures import architecture_of
-from detox_lightning.offline.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
-from detox_lightning.trl_compat import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
+from detox_lightning.io.atomic import write_directory
+from detox_lightning.models.architectures import architecture_of
+from detox_lightning.models.dtypes import DTYPES
+from detox_lightning.offline.builtin import resolve
 
 POLICY_ADAPTER = "policy"
 REFERENCE_ADAPTER = "reference"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def base_dtype(setting: str) -> str:
@@ -46,9 +44,9 @@ class PolicyConfig:
     """What to fine-tune.
 
     Args:
-        model_name_or_path: any `AutoModelForSeq2SeqLM` (T5) or `AutoModelForCausalLM` (Llama,
-            GPT-2, ...), told apart by the config's `is_encoder_decoder`: hub id, local path or
-            `builtin:` name.
+        model_name_or_path: any seq2seq (T5) or causal (Llama, GPT-2, GPT-Neo, ...) language
+            model, told apart by its config (see `architectures.architecture_of`): hub id, local
+            path or `builtin:` name.
         adapter_name_or_path: a LoRA adapter to start from (hub id or path, e.g. the notebook's
             summarization checkpoint); it is loaded trainable as the policy and frozen as the
             reference, and its own LoRA settings apply. None: a fresh LoRA with the settings below.
@@ -134,10 +132,7 @@ def load_tokenizer_and_base(cfg: PolicyConfig):
         base = arch.auto_model_class().from_pretrained(
             path, dtype=DTYPES[base_dtype(cfg.dtype)], trust_remote_code=cfg.trust_remote_code
         )
-    if tokenizer.pad_token is None:  # padding is masked by attention, never compared by id
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = arch.padding_side
-    return tokenizer, base, arch
+    return arch.prepare_tokenizer(tokenizer), base, arch
 
 
 def lora_targets(cfg: PolicyConfig, base: nn.Module) -> list[str]:
@@ -193,7 +188,7 @@ def load_lora_model(cfg: PolicyConfig, with_reference: bool = True):
     return peft_model, tokenizer, reference
 
 
-def build_policy(cfg: PolicyConfig, value_head: bool = True) -> tuple[AutoModelForSeq2SeqLMWithValueHead, object]:
+def build_policy(cfg: PolicyConfig, value_head: bool = True) -> tuple[nn.Module, object]:
     """Load base model, LoRA adapter(s) and value head; only the policy LoRA and value head train.
 
     Args:
@@ -206,8 +201,7 @@ def build_policy(cfg: PolicyConfig, value_head: bool = True) -> tuple[AutoModelF
         value head) and the tokenizer.
     """
     peft_model, tokenizer, reference = load_lora_model(cfg)
-    wrapper = AutoModelForSeq2SeqLMWithValueHead if peft_model.config.is_encoder_decoder else AutoModelForCausalLMWithValueHead
-    model = wrapper.from_pretrained(peft_model)
+    model = architecture_of(peft_model.config).value_head_class().from_pretrained(peft_model)
     if value_head:
         model.v_head.float()
     else:
@@ -225,47 +219,26 @@ def save_adapter(peft_model, tokenizer, directory: str | Path, card: str, extra:
     """The policy adapter in PEFT format (safetensors) + tokenizer + model card, swapped in atomically.
 
     `PeftModel.from_pretrained(base, directory)` loads it. `extra` maps file names to tensor dicts
-    saved as safetensors beside it (e.g. the PPO value head).
-
-    The new adapter is written and fsync'ed beside `directory`, the old one is renamed aside to
-    `<directory>.old`, the new one renamed in, the old one removed: at every instant one complete
-    adapter is on disk. An error between the renames puts the old one back; after a crash there
-    (SIGKILL, power loss) `<directory>.old` holds it and the next save puts it back first.
+    saved as safetensors beside it (e.g. the PPO value head). At every instant one complete
+    adapter is on disk (`io.atomic.write_directory`: the old one goes to `<directory>.old` while
+    the new one is renamed in, and comes back from there after a crash between the renames).
     """
     from safetensors.torch import save_file
 
-    from detox_lightning.io.checkpoint import fsync_dir, fsync_tree
-
-    directory = Path(directory)
-    aside = directory.with_name(directory.name + ".old")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    if aside.exists():  # left by a crash: between the renames it is the only adapter, after them a stale copy
-        if directory.exists():
-            shutil.rmtree(aside)
-        else:
-            aside.rename(directory)
-    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.tmp-") as tmp:
-        peft_model.save_pretrained(tmp, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
-        staged = Path(tmp) / POLICY_ADAPTER  # peft saves a non-default adapter in a sub-folder
+    def fill(staging: Path) -> Path:
+        peft_model.save_pretrained(staging, selected_adapters=[POLICY_ADAPTER], safe_serialization=True)
+        staged = staging / POLICY_ADAPTER  # peft saves a non-default adapter in a sub-folder
         tokenizer.save_pretrained(staged)
         for name, tensors in (extra or {}).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(staged / name))
         (staged / "README.md").write_text(card)
-        fsync_tree(staged)  # the files' data before the renames that publish them
-        if directory.exists():
-            directory.rename(aside)
-        try:
-            staged.rename(directory)
-        except BaseException:
-            if aside.exists() and not directory.exists():
-                aside.rename(directory)
-            raise
-        fsync_dir(directory.parent)  # the renames themselves
-    shutil.rmtree(aside, ignore_errors=True)
-    return directory
+        return staged
+
+    write_directory(directory, fill)
+    return Path(directory)
 
 
-def enable_gradient_checkpointing(model: AutoModelForSeq2SeqLMWithValueHead, zero_dropout: bool) -> None:
+def enable_gradient_checkpointing(model: nn.Module, zero_dropout: bool) -> None:
     """Recompute the base model's blocks in backward; with `zero_dropout`, train mode computes as eval mode.
 
     Every `nn.Dropout` (base, LoRA, value head) gets p = 0, and so does T5 attention's float
@@ -280,7 +253,7 @@ def enable_gradient_checkpointing(model: AutoModelForSeq2SeqLMWithValueHead, zer
                 module.dropout = 0.0
 
 
-def freeze_all_but_policy(model: AutoModelForSeq2SeqLMWithValueHead) -> None:
+def freeze_all_but_policy(model: nn.Module) -> None:
     """requires_grad only on the policy adapter's LoRA weights and the value head."""
     for name, param in model.named_parameters():
         is_policy_lora = "lora_" in name and f".{POLICY_ADAPTER}." in name
@@ -293,12 +266,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def has_reference_adapter(model: AutoModelForSeq2SeqLMWithValueHead) -> bool:
+def has_reference_adapter(model: nn.Module) -> bool:
     return REFERENCE_ADAPTER in model.pretrained_model.peft_config
 
 
 @contextlib.contextmanager
-def reference_mode(model: AutoModelForSeq2SeqLMWithValueHead) -> Iterator[None]:
+def reference_mode(model: nn.Module) -> Iterator[None]:
     """Run the frozen reference inside this block (the policy again after it).
 
     The reference adapter is made the active one, so it runs through the same LoRA code path as

@@ -5,9 +5,7 @@
 """
 
 import os
-import shutil
 import string
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -15,6 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    GPTNeoConfig,
+    GPTNeoForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -24,11 +24,12 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from detox_lightning.offline import sample_data
+from detox_lightning.io.atomic import write_directory
+from detox_lightning.offline import sample_data, sample_rtp
 
 PREFIX = "builtin:"
 # Bump a builder's version when its output changes, so that stale caches are not reused.
-_VERSIONS = {"sample-dialogsum": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2", "tiny-llama": "v1"}
+_VERSIONS = {"sample-dialogsum": "v1", "sample-rtp": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2", "tiny-llama": "v1", "tiny-gpt-neo": "v1"}
 _MARKER = "BUILD_COMPLETE"
 _PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 _T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -108,6 +109,10 @@ def _build_sample_dialogsum(path: Path) -> None:
     sample_data.write_splits(path)
 
 
+def _build_sample_rtp(path: Path) -> None:
+    sample_rtp.write_splits(path)
+
+
 def _build_tiny_t5(path: Path) -> None:
     tokenizer = train_tokenizer(
         _corpus(), _TOKENIZER_VOCAB, _T5_SPECIAL, single="$A </s>", pair="$A </s> $B </s>", model_max_length=1024
@@ -141,12 +146,28 @@ def _build_tiny_t5(path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-def _build_tiny_llama(path: Path) -> None:
-    """A Llama-shaped causal LM (random weights) with the project's tokenizer: BOS, no EOS appended."""
+def _causal_tokenizer(single: str) -> PreTrainedTokenizerFast:
+    """The project's tokenizer for a causal LM: BOS and EOS (ids 0 and 1), no pad token."""
     tokenizer = train_tokenizer(
-        _corpus(), _TOKENIZER_VOCAB, _LLAMA_SPECIAL, single="<s> $A", pair="<s> $A $B", model_max_length=2048
+        _corpus(), _TOKENIZER_VOCAB, _LLAMA_SPECIAL, single=single, pair=f"{single} $B", model_max_length=2048
     )
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, None)
+    return tokenizer
+
+
+def _save_causal(path: Path, tokenizer: PreTrainedTokenizerFast, model_class: type, config) -> None:
+    """`model_class(config)` with seeded random weights, generating with the tokenizer's BOS and EOS."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_class(config)
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _build_tiny_llama(path: Path) -> None:
+    """A Llama-shaped causal LM (random weights) with the project's tokenizer: BOS, no EOS appended."""
+    tokenizer = _causal_tokenizer(single="<s> $A")
     tokenizer.chat_template = _CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -160,12 +181,27 @@ def _build_tiny_llama(path: Path) -> None:
         bos_token_id=0,
         eos_token_id=1,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _save_causal(path, tokenizer, LlamaForCausalLM, config)
+
+
+def _build_tiny_gpt_neo(path: Path) -> None:
+    """A GPT-Neo-shaped causal LM (random weights): learned absolute positions, so a left-padded row
+    read at the wrong positions gives other logits (rotary Llama hides that). No BOS is added and
+    there is no pad token or chat template, as GPT-Neo's own tokenizer."""
+    tokenizer = _causal_tokenizer(single="$A")
+    config = GPTNeoConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],  # GPT-Neo's alternation, window 256 as GPT-Neo-125M
+        window_size=256,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    _save_causal(path, tokenizer, GPTNeoForCausalLM, config)
 
 
 def _build_tiny_hate_roberta(path: Path) -> None:
@@ -232,9 +268,11 @@ def wire_insult_detector(model: RobertaForSequenceClassification, insult_ids: li
 
 _BUILDERS: dict[str, Callable[[Path], None]] = {
     "sample-dialogsum": _build_sample_dialogsum,
+    "sample-rtp": _build_sample_rtp,
     "tiny-t5": _build_tiny_t5,
     "tiny-hate-roberta": _build_tiny_hate_roberta,
     "tiny-llama": _build_tiny_llama,
+    "tiny-gpt-neo": _build_tiny_gpt_neo,
 }
 
 
@@ -244,20 +282,15 @@ def known_names() -> list[str]:
 
 
 def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Build into a sibling temp dir, then rename; a concurrent builder that renamed first wins."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / _MARKER).write_text(f"{target.name}\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Renaming onto a non-empty directory fails: another process (e.g. a DDP rank) finished first.
-            if not (target / _MARKER).is_file():
-                raise RuntimeError(f"{target} exists but is incomplete; delete it and retry") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Build beside `target`, then rename it in; a concurrent builder (e.g. another DDP rank)
+    that renamed first wins, and ours is discarded."""
+
+    def fill(staging: Path) -> None:
+        build(staging)
+        (staging / _MARKER).write_text(f"{target.name}\n")
+
+    if not write_directory(target, fill, replace=False) and not (target / _MARKER).is_file():
+        raise RuntimeError(f"{target} exists but is incomplete; delete it and retry")
 
 
 def resolve(name_or_path: str) -> str:

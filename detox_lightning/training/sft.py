@@ -10,12 +10,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from detox_lightning.models.architectures import architecture_of
-from detox_lightning.io.checkpoint import TrainableStateMixin
 from detox_lightning.errors import ConfigError
+from detox_lightning.models.architectures import architecture_of
 from detox_lightning.models.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
+from detox_lightning.training.trainable_state import TrainableStateMixin
 
 
 class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
@@ -56,36 +57,41 @@ class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
         rank_zero_info(f"SFT trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     def loss(self, batch: dict) -> torch.Tensor:
-        """Cross-entropy of the reference summary given the prompt; only summary tokens are targets."""
+        """Cross-entropy of the reference summary given the prompt; only summary tokens are targets.
+
+        The teacher-forced pass is the one the RL stage scores responses with
+        (`Architecture.teacher_forced_inputs`): for a causal model the summary follows the
+        left-padded prompt, for T5 it is the decoder's input behind its start token.
+        """
         if "summary" not in batch:
-            raise ConfigError("SFT needs a 'summary' column in the data (the reference summaries)")
-        prompt_ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-        if self.arch.is_encoder_decoder:
-            target = self.tokenizer(
-                batch["summary"], truncation=True, max_length=self.max_target_tokens, padding=True, return_tensors="pt"
-            ).to(self.device)
-            # padding is masked by attention, not by id; T5 shifts the labels behind its start token itself
-            labels = target.input_ids.masked_fill(target.attention_mask == 0, -100)
-            return self.model(input_ids=prompt_ids, attention_mask=prompt_mask, labels=labels).loss
-        # decoder-only: [prompt (left-padded), summary, EOS (right-padded)]; the prompt is context, not a target
+            raise ConfigError(
+                "SFT needs reference texts: a 'summary' column in the data, or data.target_column naming one "
+                "(e.g. continuation.text)"
+            )
+        target, target_mask = self.targets(batch["summary"])  # (B, T): summary + EOS, right-padded
+        inputs = self.arch.teacher_forced_inputs(
+            self.model.config, batch["input_ids"], batch["attention_mask"], target, target_mask
+        )
+        logits = self.arch.response_logits(self.model(**inputs).logits.float(), target.shape[1])  # (B, T, V)
+        return F.cross_entropy(logits[target_mask], target[target_mask])  # mean over the (N, V) target tokens
+
+    def targets(self, summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summaries as (B, T) token ids ending in EOS, right-padded, and their (B, T) bool mask.
+
+        Tokenized without the tokenizer's special tokens (a causal tokenizer would put BOS in front
+        of the summary) and cut to `max_target_tokens` with the EOS, as T5's tokenizer truncates.
+        """
         eos = self.tokenizer.eos_token_id
-        summaries = self.tokenizer(
-            batch["summary"], add_special_tokens=False, truncation=True, max_length=self.max_target_tokens - 1
+        ids = self.tokenizer(
+            summaries, add_special_tokens=False, truncation=True, max_length=self.max_target_tokens - 1
         ).input_ids
-        width = max(len(ids) for ids in summaries) + 1
-        target = torch.full((len(summaries), width), eos, dtype=torch.long)
-        target_mask = torch.zeros_like(target)
-        for row, ids in enumerate(summaries):
-            target[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            target_mask[row, : len(ids) + 1] = 1  # the summary and its EOS
-        target, target_mask = target.to(self.device), target_mask.to(self.device)
-        input_ids = torch.cat([prompt_ids, target], dim=1)
-        attention_mask = torch.cat([prompt_mask, target_mask], dim=1)
-        labels = torch.cat([torch.full_like(prompt_ids, -100), target.masked_fill(target_mask == 0, -100)], dim=1)
-        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate numbers a left-padded prompt
-        return self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, labels=labels
-        ).loss
+        width = max(len(row) for row in ids) + 1
+        target = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(target, dtype=torch.bool)
+        for i, row in enumerate(ids):
+            target[i, : len(row) + 1] = torch.tensor([*row, eos], dtype=torch.long)
+            mask[i, : len(row) + 1] = True  # the summary and its EOS
+        return target.to(self.device), mask.to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
