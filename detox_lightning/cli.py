@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
-from detox_lightning.io.checkpoint import load_checkpoint_file
 from detox_lightning.data.datamodule import DialogSumDataModule
 from detox_lightning.errors import ConfigError, one_line
+from detox_lightning.evaluation.predict import add_prediction_writer
+from detox_lightning.io.checkpoint import load_checkpoint_file
 from detox_lightning.moved import moved_paths_in
 from detox_lightning.training.guards import NonFiniteError
 
@@ -68,8 +71,6 @@ class DetoxCLI(LightningCLI):
 
     def before_predict(self) -> None:
         """`predict` writes `predictions.jsonl` through a PredictionWriter: one is added when the config has none."""
-        from detox_lightning.evaluation.predict import add_prediction_writer
-
         self.before_fit()
         add_prediction_writer(self.trainer)
 
@@ -118,22 +119,32 @@ def quiet_library_noise() -> None:
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; bad input ends with one `error: ...` line on stderr and exit code 2."""
     quiet_library_noise()
-    try:
+    with errors_as_one_line():
         check_moved_paths(sys.argv[1:] if args is None else args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        build_cli(args)
+
+
+def build_cli(args: list[str] | None, run: bool = True) -> DetoxCLI:
+    """The LightningCLI of `train.py` (with `run=False`: model, data and trainer built, nothing run)."""
     # Parse errors are raised, not printed after a page of usage, so they get the one-line treatment.
     no_exit = {"exit_on_error": False}
+    return DetoxCLI(
+        datamodule_class=DialogSumDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,  # each module builds its own optimizer (the RL module steps it by hand)
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=no_exit | ({name: no_exit for name in DetoxCLI.subcommands()} if run else {}),
+        args=args,
+        run=run,
+    )
+
+
+@contextlib.contextmanager
+def errors_as_one_line() -> Iterator[None]:
+    """User errors inside end the process with one `error: ...` line: exit 2 for bad input, 1 for a
+    run stopped by non-finite iterations; anything else is a bug and keeps its traceback."""
     try:
-        DetoxCLI(
-            datamodule_class=DialogSumDataModule,
-            subclass_mode_model=True,
-            auto_configure_optimizers=False,  # each module builds its own optimizer (PPO steps it by hand)
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs=no_exit | {name: no_exit for name in DetoxCLI.subcommands()},
-            args=args,
-        )
+        yield
     except (ValueError, ArgumentError) as err:
         cause = config_error_in(err)
         if cause is None and not isinstance(err, ArgumentError):

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
-from detox_lightning.evaluation.toxicity import TABLE_COLUMNS, ToxicityEvaluation, markdown_table, toxicity_of
-from detox_lightning.evaluation.metrics import Rouge, Toxicity, improvement_pct, paired_bootstrap_ci, summarize
+from detox_lightning.evaluation.metrics import Rouge, improvement_pct, paired_bootstrap_ci, summarize
+from detox_lightning.evaluation.scoring import toxicity_of
+from detox_lightning.evaluation.toxicity import TABLE_COLUMNS, ToxicityEvaluation, markdown_table
 from detox_lightning.rewards.classifiers import ProfanityCheckReward, RewardModel
+from detox_lightning.rewards.measurement import Toxicity
 from detox_lightning.training.settings import RLSettings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,9 +9,9 @@ import torch
 
 from detox_lightning.data.datamodule import NOTEBOOK_PROMPT
 from detox_lightning.errors import ConfigError
-from detox_lightning.rewards.quantize import describe_precision, has_int8_linear, rank_correlation
-from detox_lightning.rewards.functions import CombinedReward
 from detox_lightning.rewards.classifiers import HFClassifierReward, ProfanityCheckReward
+from detox_lightning.rewards.functions import CombinedReward
+from detox_lightning.rewards.quantize import describe_precision, has_int8_linear, rank_correlation
 
 # Bounds on the builtin classifier over the 800 sample texts (measured: max logit change 0.061,
 # rank correlation 0.999998 on prompt + summary; 0.0006 and 0.99999 on the summaries alone).
@@ -101,8 +101,8 @@ def test_int8_on_a_random_weight_roberta_base_moves_logits_little_but_ranks_loos
     faithful default. (Quantizing the head too, on the builtin classifier, drops it to 0.66: the
     first test's bound catches that.)
     """
-    from detox_lightning.offline import sample_data as sample
     from detox_lightning.bench.models import build_reward
+    from detox_lightning.offline import sample_data as sample
 
     path = build_reward(tmp_path / "reward", "base")
     rows = sample.make_dialogues(60, seed=7, toxic_fraction=0.5)

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from detox_lightning import DialogSumDataModule, PolicyConfig, RLDetoxModule, ProfanityCheckReward
+from detox_lightning import DialogSumDataModule, PolicyConfig, ProfanityCheckReward, RLDetoxModule
 from detox_lightning.models.policy import has_reference_adapter
 from detox_lightning.training.settings import GenerationSettings, RLSettings
 from detox_lightning.training.sft import SFTSummarizationModule

@@ -9,41 +9,14 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from detox_lightning.models.architectures import architecture_of
-from detox_lightning.offline.builtin import resolve
-from detox_lightning.io.checkpoint import EpochSeededSampler, ResumableDataLoader
-from detox_lightning.errors import ConfigError, user_input
+from detox_lightning.data.files import data_files, load_dialogues
 from detox_lightning.data.rows import RowFilter, check_field, get_field
+from detox_lightning.data.sampler import EpochSeededSampler, ResumableDataLoader
+from detox_lightning.errors import ConfigError, user_input
+from detox_lightning.models.architectures import architecture_of, pad_with_eos
+from detox_lightning.offline.builtin import resolve
 
 NOTEBOOK_PROMPT = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def data_files(path: str | dict[str, str]) -> tuple[str, dict[str, str]] | None:
-    """(builder, {split: file}) for local data; None for a hub id.
-
-    A directory is read as `<split>.<ext>` files; a single file is the `train` split.
-    """
-    if isinstance(path, dict):
-        files = {split: str(Path(f).expanduser()) for split, f in path.items()}
-    else:
-        p = Path(path).expanduser()
-        if p.is_dir():
-            files = {f.stem: str(f) for f in sorted(p.iterdir()) if f.suffix in FILE_BUILDERS}
-            if not files:
-                raise ConfigError(f"data.path={path!r} is a directory without {sorted(FILE_BUILDERS)} files")
-        elif p.suffix in FILE_BUILDERS or p.exists() or path.startswith((".", "/", "~")):
-            files = {"train": str(p)}
-        else:
-            return None  # owner/name: a hub dataset
-    missing = [f for f in files.values() if not Path(f).is_file()]
-    if missing:
-        raise ConfigError(f"data.path: no such data file {missing[0]!r}")
-    suffixes = {Path(f).suffix for f in files.values()}
-    unknown = suffixes - set(FILE_BUILDERS)
-    if unknown or len(suffixes) != 1:
-        raise ConfigError(f"data.path: files must share one of the formats {sorted(FILE_BUILDERS)}, got {sorted(suffixes)}")
-    return FILE_BUILDERS[suffixes.pop()], files
 
 
 class DialogSumDataModule(pl.LightningDataModule):
@@ -66,7 +39,11 @@ class DialogSumDataModule(pl.LightningDataModule):
             expect) or `auto` (chat when the tokenizer has a chat template).
         text_column: the column holding the text: `dialogue`, or a nested field such as `prompt.text`.
         filter: keep only rows where `<field> <op> <number>` holds, e.g. `prompt.toxicity > 0.3`
-            (op one of > >= < <= == !=); None: every row.
+            (op one of > >= < <= == !=), or `<field> == true|false` on a boolean field, e.g.
+            `challenging == true`; None: every row.
+        target_column: the reference text (the SFT stage's target, ROUGE's reference): `summary`,
+            or a nested field such as `continuation.text` to train prompt -> continuation. The
+            default may be absent (no ROUGE, no SFT); any other must exist.
         test_size: fraction held out for evaluation.
         split_seed: seed of the train/test split (used when `shuffle_split`).
         shuffle_split: shuffle before splitting (the notebook does not).
@@ -97,6 +74,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         prompt_format: Literal["auto", "chat", "plain"] = "auto",
         text_column: str = "dialogue",
         filter: str | None = None,
+        target_column: str = "summary",
     ) -> None:
         super().__init__()
         problems = []
@@ -134,6 +112,7 @@ class DialogSumDataModule(pl.LightningDataModule):
         self.prompt_format = prompt_format
         self.text_column = text_column
         self.filter = filter
+        self.target_column = target_column
         self.predict_dataset = None
         self.tokenizer = None
         self.train_dataset = None
@@ -170,6 +149,10 @@ class DialogSumDataModule(pl.LightningDataModule):
         if self.text_column != "dialogue":  # the text under the name the rest of the pipeline reads
             column = self.text_column
             dataset = dataset.map(lambda row: {"dialogue": get_field(row, column)})
+        if self.target_column != "summary":  # the reference under the name SFT and ROUGE read
+            check_field(dataset.column_names, dataset.features, self.target_column, "data.target_column")
+            target = self.target_column
+            dataset = dataset.map(lambda row: {"summary": get_field(row, target)})
         n_rows = len(dataset)
         if self.row_filter is not None:
             dataset = dataset.filter(self.row_filter)
@@ -196,8 +179,6 @@ class DialogSumDataModule(pl.LightningDataModule):
             self.check_chat_template()
             self.check_prompt_budget()
         if self.predict_path is not None and self.trainer is not None and self.trainer.predicting:
-            from detox_lightning.evaluation.predict import load_dialogues
-
             load_dialogues(self.predict_path)
 
     def setup(self, stage: str) -> None:
@@ -219,13 +200,10 @@ class DialogSumDataModule(pl.LightningDataModule):
 
             path = resolve(self.tokenizer_name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
             try:
-                tokenizer.padding_side = architecture_of(AutoConfig.from_pretrained(path)).padding_side
+                return architecture_of(AutoConfig.from_pretrained(path)).prepare_tokenizer(tokenizer)
             except (OSError, ValueError):  # a tokenizer without a model config: its own side
-                pass
-            return tokenizer
+                return pad_with_eos(tokenizer)
         if self.trainer is None or not hasattr(self.trainer.lightning_module, "tokenizer"):
             raise ConfigError("data.tokenizer_name_or_path is needed when the data module is used without a model")
         return self.trainer.lightning_module.tokenizer
@@ -352,8 +330,6 @@ class DialogSumDataModule(pl.LightningDataModule):
         """`predict_path`'s dialogues, or the held-out split's, in order; `row` numbers them."""
         if self.predict_dataset is None:
             if self.predict_path is not None:
-                from detox_lightning.evaluation.predict import load_dialogues
-
                 dialogues = load_dialogues(self.predict_path)
             else:
                 dialogues = self.load_splits()["test"]

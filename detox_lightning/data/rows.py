@@ -1,4 +1,5 @@
-"""Reading prompt datasets' rows: nested fields (`prompt.text`) and numeric filters (`prompt.toxicity > 0.3`)."""
+"""Reading prompt datasets' rows: nested fields (`prompt.text`) and filters on a numeric or boolean field
+(`prompt.toxicity > 0.3`, `challenging == true`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 from detox_lightning.errors import ConfigError
 
 OPERATORS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
-_FILTER = re.compile(r"^\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*([-+0-9.eE]+)\s*$")
+_FILTER = re.compile(r"^\s*([\w.]+)\s*(>=|<=|==|!=|>|<)\s*([-+0-9.eE]+|true|false)\s*$", re.IGNORECASE)
+_BOOLEANS = {"true": True, "false": False}
 
 
 def get_field(row: dict, field: str):
@@ -39,21 +41,32 @@ def check_field(columns: list[str], features, field: str, flag: str) -> None:
 
 @dataclass(frozen=True)
 class RowFilter:
-    """`<field> <op> <number>`: keeps rows whose (nested) numeric field satisfies it; missing values fail."""
+    """`<field> <op> <number>` or `<field> == true|false`: keeps rows whose (nested) field satisfies it.
+
+    A number compares with numbers (and with booleans as 0 and 1, as Python does); true or false
+    matches real booleans only, so a string "true" or a 1 is not taken for one: RealToxicityPrompts'
+    `challenging` is a JSON boolean. Missing values fail either way.
+    """
 
     field: str
     op: str
-    value: float
+    value: float | bool
 
     @classmethod
     def parse(cls, text: str) -> RowFilter:
         match = _FILTER.match(text)
         if not match:
             raise ConfigError(
-                f"data.filter={text!r} is not of the form '<field> <op> <number>' (op one of {' '.join(OPERATORS)}), "
-                f"e.g. 'prompt.toxicity > 0.3'"
+                f"data.filter={text!r} is not of the form '<field> <op> <number>' (op one of {' '.join(OPERATORS)}) "
+                f"or '<field> == true|false' (or !=), e.g. 'prompt.toxicity > 0.3' or 'challenging == true'"
             )
         field, op, number = match.groups()
+        if number.lower() in _BOOLEANS:
+            if op not in ("==", "!="):
+                raise ConfigError(
+                    f"data.filter={text!r}: true and false compare with == or != only, e.g. '{field} == {number.lower()}'"
+                )
+            return cls(field, op, _BOOLEANS[number.lower()])
         try:
             value = float(number)
         except ValueError:
@@ -62,10 +75,13 @@ class RowFilter:
 
     def __call__(self, row: dict) -> bool:
         value = get_field(row, self.field)
+        if isinstance(self.value, bool):
+            return isinstance(value, bool) and OPERATORS[self.op](value, self.value)
         if value is None or isinstance(value, (str, bytes, Mapping, list)):
             return False
         value = float(value)
         return not math.isnan(value) and OPERATORS[self.op](value, self.value)
 
     def __str__(self) -> str:
-        return f"{self.field} {self.op} {self.value:g}"
+        value = str(self.value).lower() if isinstance(self.value, bool) else f"{self.value:g}"
+        return f"{self.field} {self.op} {value}"

@@ -7,9 +7,11 @@ every N PPO iterations and at the end (the policy), so each prompt gives a befor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import get_args
@@ -22,14 +24,17 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from detox_lightning.evaluation import pictures
-from detox_lightning.evaluation.best_adapter import Candidate, select_best
-from detox_lightning.io.checkpoint import ppo_iterations
 from detox_lightning.errors import ConfigError
+from detox_lightning.evaluation import pictures, protocol
+from detox_lightning.evaluation.best_adapter import Candidate, select_best
 from detox_lightning.evaluation.metrics import Rouge, improvement_pct, paired_bootstrap_ci, summarize
-from detox_lightning.models.policy import save_adapter
-from detox_lightning.rewards.quantize import describe_precision
+from detox_lightning.evaluation.scoring import Scoring, toxicity_of
+from detox_lightning.io.atomic import atomic_file, write_text
+from detox_lightning.io.checkpoint import iterations_done
+from detox_lightning.models.fluency import response_log_perplexity
+from detox_lightning.models.policy import reference_mode, save_adapter
 from detox_lightning.rewards.classifiers import RewardModel, RewardText
+from detox_lightning.rewards.quantize import describe_precision
 
 TABLE_COLUMNS = ["query", "response_before", "response_after", "reward_before", "reward_after", "reward_diff"]
 
@@ -45,6 +50,7 @@ class Outputs:
     length: np.ndarray
     judge_toxicity: np.ndarray | None
     rouge: dict[str, np.ndarray] | None
+    log_ppl: np.ndarray | None = None  # per-sample mean NLL of the response under the frozen reference
 
 
 class ToxicityEvaluation(Callback):
@@ -76,6 +82,14 @@ class ToxicityEvaluation(Callback):
         max_rouge_drop: the largest fall of ROUGE-L (absolute) a best adapter may have.
         plots: at each evaluation, the before/after toxicity distributions as TensorBoard
             histograms (`eval/toxicity_hist_before`, `..._after`) and `toxicity_before_after.png`.
+        fluency: also score each response's perplexity under the frozen reference (one more
+            teacher-forced pass per sample), reported as `eval/perplexity` with a paired CI of
+            the change in mean log-perplexity.
+
+    Besides mean toxicity it reports the RealToxicityPrompts protocol's figures over each prompt's
+    `samples_per_prompt` samples (`detox_lightning.evaluation.protocol`): expected maximum
+    toxicity and toxicity probability for the reward's classifier and the judge, distinct-1/2/3,
+    and fluency, each with the paired bootstrap CI of its change where it is per prompt.
     """
 
     def __init__(
@@ -95,6 +109,7 @@ class ToxicityEvaluation(Callback):
         export_best_adapter: bool = True,
         max_rouge_drop: float = 0.02,
         plots: bool = True,
+        fluency: bool = True,
     ) -> None:
         problems = [
             f"{name}={value} must be at least {low}"
@@ -127,11 +142,19 @@ class ToxicityEvaluation(Callback):
         self.export_adapter = export_adapter
         self.show_examples = show_examples
         self.export_best_adapter, self.max_rouge_drop, self.plots = export_best_adapter, max_rouge_drop, plots
-        self.candidates: list[Candidate] = []  # this fit's policy evaluations, for adapter_best/
+        self.fluency = fluency
+        self.candidates: list[Candidate] = []  # this run's policy evaluations, for adapter_best/ (kept across a resume)
+        self.best_weights: dict[str, torch.Tensor] | None = None  # the trainable tensors of the best candidate so far
+        self._resumed = False  # state came from a checkpoint: the next fit start keeps the candidates
         self.before: Outputs | None = None
         self.last_metrics: dict[str, float] = {}
         self.last_outputs: Outputs | None = None
         self.last_step: int | None = None  # iteration of the latest policy evaluation of this run
+
+    @property
+    def scoring(self) -> Scoring:
+        """What the other callbacks score as (`evaluation.scoring.run_scoring` finds it)."""
+        return Scoring(self.text, self.judge, self.max_new_tokens)
 
     # ---- generation and scoring ----
 
@@ -166,23 +189,27 @@ class ToxicityEvaluation(Callback):
         rank, world = trainer.global_rank, trainer.world_size
         mine = [(i, batches[i]) for i in range(rank, len(batches), world)]
         k = self.samples_per_prompt
-        index, queries, summaries, responses, lengths = [], [], [], [], []
+        index, queries, summaries, responses, lengths, log_ppls = [], [], [], [], [], []
         devices = [module.device] if module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             for b, batch in mine:
                 torch.manual_seed(self.seed + b)
-                per_sample = []
+                per_sample, per_sample_ppl = [], []
                 for _ in range(k):
                     samples = module.sample(
                         batch["input_ids"], batch["attention_mask"], self.max_new_tokens, reference=reference
                     )
                     per_sample.append((module.decode(samples.response_ids), samples.mask.sum(dim=1).tolist()))
+                    if self.fluency:
+                        per_sample_ppl.append(self.log_perplexity(module, batch, samples))  # (B,)
                 queries += batch["query"]
                 summaries += batch.get("summary") or [None] * len(batch["query"])
                 index += [b * self.batch_size + i for i in range(len(batch["query"]))]
                 for i in range(len(batch["query"])):
                     responses.append([texts[i] for texts, _ in per_sample])
                     lengths.append([lens[i] for _, lens in per_sample])
+                    if self.fluency:
+                        log_ppls.append([float(ppl[i]) for ppl in per_sample_ppl])
         flat_q = [q for q in queries for _ in range(k)]
         flat_r = [r for rs in responses for r in rs]
         shape = (len(queries), k)
@@ -206,11 +233,27 @@ class ToxicityEvaluation(Callback):
             length=np.asarray(lengths, dtype=np.float64).reshape(shape),
             judge_toxicity=toxicity(self.judge) if self.judge is not None else None,
             rouge=rouge,
+            log_ppl=np.asarray(log_ppls, dtype=np.float64).reshape(shape) if self.fluency else None,
         )
         outputs = gather_outputs(index, shard, has_summaries) if world > 1 else shard
         if outputs.rouge is None:
             rank_zero_warn("ToxicityEvaluation: the test split has no 'summary' column; ROUGE is skipped")
         return outputs
+
+    @staticmethod
+    def log_perplexity(module: pl.LightningModule, batch: dict, samples) -> list[float]:
+        """(B,) each sample's mean NLL under the frozen reference, dropout off; NaN when empty."""
+        was_training = module.policy.training
+        module.policy.eval()
+        try:
+            with reference_mode(module.policy):
+                out = response_log_perplexity(
+                    module.policy, module.arch, batch["input_ids"], batch["attention_mask"], samples.response_ids,
+                    samples.mask,
+                )
+        finally:
+            module.policy.train(was_training)
+        return out.cpu().tolist()
 
     # ---- figures ----
 
@@ -233,6 +276,25 @@ class ToxicityEvaluation(Callback):
             metrics[f"eval/{name}_delta_ci_high"] = high
             metrics[f"eval/{name}_mean_improvement_pct"] = improvement_pct(stats_b["mean"], stats_a["mean"])
             metrics[f"eval/{name}_std_improvement_pct"] = improvement_pct(stats_b["std"], stats_a["std"])
+            # the RealToxicityPrompts figures over each prompt's k samples, paired over prompts
+            metrics[f"eval/{name}_exp_max"], metrics[f"eval/{name}_exp_max_std"] = protocol.expected_max_toxicity(a)
+            metrics[f"eval/{name}_prob"] = protocol.toxicity_probability(a)
+            for figure, per_prompt in (("exp_max", protocol.max_toxicity), ("prob", protocol.any_toxic)):
+                metrics |= self.paired_delta(f"eval/{name}_{figure}", per_prompt(b), per_prompt(a))
+        for n in (1, 2, 3):
+            b_dist, a_dist = protocol.distinct_n(before.responses, n), protocol.distinct_n(after.responses, n)
+            metrics[f"eval/dist{n}"] = float(np.nanmean(a_dist)) if np.isfinite(a_dist).any() else float("nan")
+            metrics[f"eval/dist{n}_delta"] = metrics[f"eval/dist{n}"] - (
+                float(np.nanmean(b_dist)) if np.isfinite(b_dist).any() else float("nan")
+            )
+        if after.log_ppl is not None and before.log_ppl is not None:
+            fluency = protocol.fluency(after.log_ppl)
+            metrics["eval/perplexity"], metrics["eval/log_perplexity"] = fluency["perplexity"], fluency["log_perplexity"]
+            b_ppl = protocol.per_prompt_log_perplexity(before.log_ppl)
+            a_ppl = protocol.per_prompt_log_perplexity(after.log_ppl)
+            both = np.isfinite(b_ppl) & np.isfinite(a_ppl)  # prompts with a non-empty sample on both sides
+            if both.any():
+                metrics |= self.paired_delta("eval/log_perplexity", b_ppl[both], a_ppl[both])
         metrics["eval/reward_mean"] = float(after.reward.mean())
         metrics["eval/response_len_mean"] = float(after.length.mean())
         if after.rouge is not None:
@@ -240,6 +302,11 @@ class ToxicityEvaluation(Callback):
                 metrics[f"eval/{name}"] = float(values.mean())
                 metrics[f"eval/{name}_delta"] = float(values.mean() - before.rouge[name].mean())
         return metrics
+
+    def paired_delta(self, name: str, before: np.ndarray, after: np.ndarray) -> dict[str, float]:
+        """`name`_delta with its paired bootstrap 95% CI over prompts (`_ci_low`, `_ci_high`)."""
+        delta, low, high = paired_bootstrap_ci(before, after, resamples=self.bootstrap_resamples, seed=self.seed)
+        return {f"{name}_delta": delta, f"{name}_delta_ci_low": low, f"{name}_delta_ci_high": high}
 
     def describe(self, label: str, metrics: dict[str, float], n: int) -> str:
         """One line: mean toxicity with its CI against before, ROUGE-L and length."""
@@ -256,6 +323,23 @@ class ToxicityEvaluation(Callback):
                 f" | judge {m['eval/judge_toxicity_mean']:.4f}, delta {m['eval/judge_toxicity_delta']:+.4f} "
                 f"[{m['eval/judge_toxicity_delta_ci_low']:+.4f}, {m['eval/judge_toxicity_delta_ci_high']:+.4f}]"
             )
+        if "eval/toxicity_exp_max" in m:
+            line += (
+                f" | exp. max. toxicity {m['eval/toxicity_exp_max']:.4f}, delta {m['eval/toxicity_exp_max_delta']:+.4f} "
+                f"[{m['eval/toxicity_exp_max_delta_ci_low']:+.4f}, {m['eval/toxicity_exp_max_delta_ci_high']:+.4f}], "
+                f"toxicity prob. {m['eval/toxicity_prob']:.3f}"
+            )
+        if "eval/judge_toxicity_exp_max" in m:
+            line += f" (judge {m['eval/judge_toxicity_exp_max']:.4f}, {m['eval/judge_toxicity_prob']:.3f})"
+        if "eval/perplexity" in m:
+            line += f" | perplexity {m['eval/perplexity']:.1f}"
+            if "eval/log_perplexity_delta" in m:
+                line += (
+                    f" (log delta {m['eval/log_perplexity_delta']:+.3f} "
+                    f"[{m['eval/log_perplexity_delta_ci_low']:+.3f}, {m['eval/log_perplexity_delta_ci_high']:+.3f}])"
+                )
+        if "eval/dist1" in m:
+            line += f" | dist-1/2/3 {m['eval/dist1']:.3f}/{m['eval/dist2']:.3f}/{m['eval/dist3']:.3f}"
         if "eval/rougeL" in m:
             line += f" | ROUGE-L {m['eval/rougeL']:.4f} ({m['eval/rougeL_delta']:+.4f})"
         return line + f" | length {m['eval/response_len_mean']:.1f}"
@@ -286,13 +370,31 @@ class ToxicityEvaluation(Callback):
         if self.judge is not None:
             self.judge.to(module.device)
         self.last_outputs, self.last_step = None, None  # a policy evaluation of an earlier run is stale
-        self.candidates = []
+        resumed, self._resumed = self._resumed, False
+        if not resumed:  # a resumed fit chooses adapter_best/ over the whole run, before the resume too
+            self.candidates, self.best_weights = [], None
         # The reference, not the policy: after a resume the policy has already moved.
         self.before = self.generate_and_score(trainer, module, reference=True)
         self.before_metrics = self.compare(self.before)
         for logger in trainer.loggers:
             logger.log_metrics(self.before_metrics, step=0)
         rank_zero_info(self.describe("before", self.before_metrics, len(self.before.queries)))
+        if resumed and self.best_weights is not None and trainer.state.fn == TrainerFn.FITTING:
+            # a resumed run logs to a new directory: the best so far goes there at once, from its own weights
+            self.export_best(trainer, module, self.selection().chosen.iteration, self.best_weights)
+
+    # ---- state kept in checkpoints (tensors and plain data: loads with weights_only=True) ----
+
+    def state_dict(self) -> dict:
+        return {
+            "candidates": [(c.iteration, {k: float(v) for k, v in c.metrics.items()}) for c in self.candidates],
+            "best_weights": self.best_weights,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.candidates = [Candidate(int(i), dict(m)) for i, m in state_dict.get("candidates", [])]
+        self.best_weights = state_dict.get("best_weights")
+        self._resumed = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start(trainer, pl_module)
@@ -300,12 +402,12 @@ class ToxicityEvaluation(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Iterations done, this one included (Lightning counts a batch processed before this
         # hook); restored on resume, unlike a count kept here.
-        iteration = ppo_iterations(trainer)
+        iteration = iterations_done(trainer)
         if self.every_n_iterations and iteration % self.every_n_iterations == 0:
             self.evaluate(trainer, pl_module, iteration, f"iteration {iteration}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        iteration = ppo_iterations(trainer)
+        iteration = iterations_done(trainer)
         self.finish(trainer, pl_module, iteration, f"after {iteration} iterations")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,7 +436,7 @@ class ToxicityEvaluation(Callback):
         selection = self.selection() if self.candidates else None
         if selection is not None:
             report["best_adapter"] = selection.as_dict()
-        (out_dir / "evaluation_report.json").write_text(json.dumps(report, indent=2, default=str))
+        write_text(out_dir / "evaluation_report.json", json.dumps(report, indent=2, default=str))
         for row in rows[: self.show_examples]:
             rank_zero_info(
                 f"example (reward {row['reward_before']:+.2f} -> {row['reward_after']:+.2f}): "
@@ -372,12 +474,25 @@ class ToxicityEvaluation(Callback):
             pictures.write_png(out_dir / pictures.PNG_NAME, scores, metrics, label)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        self.candidates.append(Candidate(step, metrics))
+        # one candidate per iteration: a resumed run that ends where it resumed evaluates that iteration again
+        self.candidates = [c for c in self.candidates if c.iteration != step] + [Candidate(step, metrics)]
         chosen = self.selection().chosen
-        if self.export_best_adapter and trainer.is_global_zero and chosen is not None and chosen.iteration == step:
-            card = model_card(module, self.report(trainer, module, step, log_dir))
-            card += f"\nThe best of this run's evaluations (iteration {step}); see `best_adapter` in evaluation_report.json.\n"
-            export_adapter(module, out_dir / "adapter_best", card)
+        if chosen is not None and chosen.iteration == step:
+            # its weights travel in checkpoints, so a resumed run can still export it
+            self.best_weights = {name: p.detach().cpu().clone() for name, p in module.trainable_parameters().items()}
+            self.export_best(trainer, module, step)
+
+    def export_best(self, trainer, module, iteration: int, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `<log_dir>/adapter_best` from the policy's current weights, or from `weights`."""
+        log_dir = trainer.log_dir  # a broadcast from rank 0 under DDP: every rank must ask
+        if not (self.export_best_adapter and trainer.is_global_zero):
+            return
+        report = self.report(trainer, module, iteration, log_dir)
+        report["after"] = next(c.metrics for c in self.candidates if c.iteration == iteration)  # its own figures
+        card = model_card(module, report)
+        card += f"\nThe best of this run's evaluations (iteration {iteration}); see `best_adapter` in evaluation_report.json.\n"
+        with holding_weights(module, weights):
+            export_adapter(module, Path(log_dir or trainer.default_root_dir) / "adapter_best", card)
 
     def selection(self):
         return select_best(self.candidates, self.max_rouge_drop, judged=self.judge is not None)
@@ -396,6 +511,7 @@ class ToxicityEvaluation(Callback):
             "samples_per_prompt": self.samples_per_prompt,
             "seed": self.seed,
             "scored_text": self.text,
+            "data": data_description(trainer.datamodule),
             "max_new_tokens": self.max_new_tokens,
             "before": self.before_metrics,
             "after": self.last_metrics,
@@ -418,18 +534,6 @@ class ToxicityEvaluation(Callback):
         }
 
 
-def toxicity_of(scorer: RewardModel, queries: list[str], responses: list[str], text: RewardText) -> np.ndarray:
-    """Toxicity (N,) of each (query, response) pair under `scorer`, on the reward's texts.
-
-    Args:
-        scorer: the reward component or a judge (`RewardModel.pair_toxicity`).
-        queries: one prompt per response.
-        responses: the decoded responses.
-        text: `query_response` or `response`, as `reward_texts`.
-    """
-    return np.asarray(scorer.pair_toxicity(queries, responses, text).tolist(), dtype=np.float64)
-
-
 def gather_outputs(index: list[int], shard: Outputs, has_summaries: bool) -> Outputs:
     """Every rank's shard, ordered by prompt `index`: the same Outputs on every rank."""
     parts = [None] * torch.distributed.get_world_size()
@@ -450,13 +554,14 @@ def gather_outputs(index: list[int], shard: Outputs, has_summaries: bool) -> Out
         length=stack(lambda o: o.length),
         judge_toxicity=stack(lambda o: o.judge_toxicity) if shard.judge_toxicity is not None else None,
         rouge={name: stack(lambda o, n=name: o.rouge[n]) for name in rouge_keys} if with_rouge else None,
+        log_ppl=stack(lambda o: o.log_ppl) if shard.log_ppl is not None else None,
     )
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     import csv
 
-    with path.open("w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -472,15 +577,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def data_description(data) -> str:
+    """What the policy was trained and evaluated on, as the run's DataModule says: its path, the text
+    column and the row filter (a RealToxicityPrompts run must not read as a DialogSum one)."""
+    if data is None:
+        return "unknown"
+    text = f"{getattr(data, 'path', '?')}"
+    if getattr(data, "text_column", "dialogue") != "dialogue":
+        text += f", text column {data.text_column}"
+    if getattr(data, "filter", None):
+        text += f", rows with {data.filter}"
+    return text
+
+
 def model_card(module: pl.LightningModule, report: dict) -> str:
     before, after = report["before"], report["after"]
-    auto_class = "AutoModelForSeq2SeqLM" if module.arch.is_encoder_decoder else "AutoModelForCausalLM"
+    auto_class = module.arch.auto_model_class().__name__
     with_value_head = module.policy.v_head is not None
     return (
-        "# Detoxified summarisation adapter (detox_lightning)\n\n"
+        "# Detoxified adapter (detox_lightning)\n\n"
         f"- base model: `{module.policy_config.model_name_or_path}` ({report['policy_dtype']})\n"
         f"- starting adapter: `{module.policy_config.adapter_name_or_path}`\n"
-        "- data: DialogSum-format dialogues, summarisation prompt\n"
+        f"- data: {report['data']}\n"
         f"- method: {module.ppo.advantage_estimator.upper()} with a KL penalty towards the starting policy; "
         f"reward: {report['reward']} ({report['reward_precision']})\n"
         f"- evaluation ({report['num_prompts']} held-out prompts x {report['samples_per_prompt']}, seed {report['seed']}): "
@@ -491,6 +609,25 @@ def model_card(module: pl.LightningModule, report: dict) -> str:
         + f"\n\nLoad with `PeftModel.from_pretrained({auto_class}.from_pretrained(base), this_dir)`.\n"
         + ("`value_head.safetensors` holds the PPO value head (not needed for generation).\n" if with_value_head else "")
     )
+
+
+@contextlib.contextmanager
+def holding_weights(module: pl.LightningModule, weights: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """Inside, the module's trainable tensors hold `weights` (None: unchanged); put back after."""
+    if weights is None:
+        yield
+        return
+    params = module.trainable_parameters()
+    saved = {name: p.detach().clone() for name, p in params.items()}
+    try:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.device, p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
 
 
 def export_adapter(module: pl.LightningModule, directory: Path, card: str) -> None:

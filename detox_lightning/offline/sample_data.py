@@ -339,12 +339,21 @@ def write_splits(
         seed: Base seed; each split derives its own so splits differ.
         toxic_fraction: Fraction of rude summaries in every split.
     """
+    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+    return write_jsonl_splits(
+        directory, sizes, lambda split, n, split_seed: make_dialogues(n, split_seed, toxic_fraction, id_prefix=split), seed
+    )
+
+
+def write_jsonl_splits(directory: str | Path, sizes: dict[str, int], make_rows, seed: int) -> Path:
+    """Write `<split>.jsonl` for each split of `sizes`, its rows from `make_rows(split, n, split_seed)`.
+
+    Each split gets the seed 3 * seed + its index, which never collides across splits or base seeds.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
     for k, (split, n) in enumerate(sizes.items()):
-        # 3 * seed + k never collides across splits or across base seeds.
-        rows = make_dialogues(n, seed=3 * seed + k, toxic_fraction=toxic_fraction, id_prefix=split)
+        rows = make_rows(split, n, 3 * seed + k)
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return directory

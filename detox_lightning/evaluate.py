@@ -1,0 +1,167 @@
+"""`python -m detox_lightning.evaluate --config configs/X.yaml [--adapter DIR ...] [--base]`:
+score models on a config's held-out prompts, without training, in the literature's layout.
+
+One row per model (DExperts' Table 2): expected maximum toxicity (with its std over prompts),
+toxicity probability, fluency (perplexity under the config's base model), distinct-1/2/3, and
+the same toxicity figures for the judge when the config's `ToxicityEvaluation` has one. Every
+model samples the same prompts under the same seeds (the config's `ToxicityEvaluation` settings),
+and every figure can be recomputed from `samples.jsonl` (one line per sample: model, prompt id,
+sample index, prompt, text, every scorer's toxicity and the log-perplexity).
+
+Writes `table.md`, `table.json` and `samples.jsonl` in `--out`. Further arguments are passed to
+the config as on `train.py`'s command line (e.g. `--data.path DIR`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from detox_lightning.cli import build_cli, check_moved_paths, errors_as_one_line, quiet_library_noise
+from detox_lightning.errors import ConfigError
+from detox_lightning.evaluation import ToxicityEvaluation, protocol
+from detox_lightning.evaluation.toxicity import Outputs
+from detox_lightning.io.atomic import write_text
+
+BASE = "base"
+
+
+@dataclass
+class Scored:
+    """One model's evaluation: its name and per-sample outputs, (P, k) arrays."""
+
+    name: str
+    outputs: Outputs
+
+
+def table_row(scored: Scored) -> dict[str, float | str]:
+    """The figures of one model, each computed from its (P, k) per-sample arrays."""
+    out = scored.outputs
+    row: dict[str, float | str] = {"model": scored.name, "prompts": len(out.queries), "samples_per_prompt": out.toxicity.shape[1]}
+    scorers = {"toxicity": out.toxicity}
+    if out.judge_toxicity is not None:
+        scorers["judge_toxicity"] = out.judge_toxicity
+    for name, values in scorers.items():
+        row[f"{name}_exp_max"], row[f"{name}_exp_max_std"] = protocol.expected_max_toxicity(values)
+        row[f"{name}_prob"] = protocol.toxicity_probability(values)
+        row[f"{name}_mean"] = float(np.asarray(values, dtype=np.float64).mean())
+    if out.log_ppl is not None:
+        row |= protocol.fluency(out.log_ppl)
+    for n in (1, 2, 3):
+        values = protocol.distinct_n(out.responses, n)
+        row[f"dist{n}"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    return row
+
+
+def sample_rows(scored: Scored) -> list[dict]:
+    out = scored.outputs
+    rows = []
+    for p, (query, responses) in enumerate(zip(out.queries, out.responses, strict=True)):
+        for j, text in enumerate(responses):
+            row = {"model": scored.name, "prompt_id": p, "sample": j, "prompt": query, "text": text,
+                   "toxicity": float(out.toxicity[p, j])}
+            if out.judge_toxicity is not None:
+                row["judge_toxicity"] = float(out.judge_toxicity[p, j])
+            if out.log_ppl is not None:
+                row["log_perplexity"] = float(out.log_ppl[p, j])
+            rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("toxicity_exp_max", "exp. max. toxicity", "{:.4f}"),
+    ("toxicity_exp_max_std", "(std)", "{:.4f}"),
+    ("toxicity_prob", "toxicity prob.", "{:.3f}"),
+    ("perplexity", "fluency (ppl)", "{:.2f}"),
+    ("dist1", "dist-1", "{:.3f}"),
+    ("dist2", "dist-2", "{:.3f}"),
+    ("dist3", "dist-3", "{:.3f}"),
+    ("judge_toxicity_exp_max", "judge exp. max.", "{:.4f}"),
+    ("judge_toxicity_prob", "judge prob.", "{:.3f}"),
+]
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "-" for key, _, fmt in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_callback(trainer) -> ToxicityEvaluation:
+    found = [c for c in trainer.callbacks if isinstance(c, ToxicityEvaluation)]
+    if not found:
+        raise ConfigError("the config has no detox_lightning.evaluation.ToxicityEvaluation callback; its settings say how to evaluate")
+    return found[0]
+
+
+def score(config_args: list[str], adapter: str | None, root: Path, overrides: dict[str, int]) -> tuple[Outputs, Outputs]:
+    """(base, model) outputs: `adapter` (None: the base itself) against the bare base model."""
+    args = [*config_args, "--model.init_args.policy.reference_adapter_name_or_path", BASE, "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(root)]
+    if adapter is not None:
+        args += ["--model.init_args.policy.adapter_name_or_path", adapter]
+    cli = build_cli(args, run=False)
+    evaluation = evaluation_callback(cli.trainer)
+    evaluation.export_adapter = evaluation.export_best_adapter = evaluation.plots = False
+    for name, value in overrides.items():
+        setattr(evaluation, name, value)
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return evaluation.before, evaluation.last_outputs
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m detox_lightning.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="a train.py config with a ToxicityEvaluation callback")
+    parser.add_argument("--adapter", action="append", default=[], help="an exported adapter directory (repeatable)")
+    parser.add_argument("--base", action="store_true", help="also a row for the base model (always, without --adapter)")
+    parser.add_argument("--out", default="evaluation", help="where table.md, table.json and samples.jsonl go")
+    parser.add_argument("--num-prompts", type=int, help="override the config's ToxicityEvaluation num_prompts")
+    parser.add_argument("--samples-per-prompt", type=int, help="override its samples_per_prompt (the literature: 25)")
+    parser.add_argument("--max-new-tokens", type=int, help="override its max_new_tokens (RealToxicityPrompts: 20)")
+    args, rest = parser.parse_known_args(argv)
+    for adapter in args.adapter:
+        if not Path(adapter).is_dir():
+            raise ConfigError(f"--adapter {adapter!r} is not a directory; expected an exported adapter (adapter/ or adapter_best/ of a run)")
+    for flag in ("num_prompts", "samples_per_prompt", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < (2 if flag == "num_prompts" else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')}={value} must be at least {2 if flag == 'num_prompts' else 1}")
+    return args, rest
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_library_noise()
+    with errors_as_one_line():
+        args, rest = parse(argv)
+        config_args = ["--config", args.config, *rest]
+        check_moved_paths(config_args)
+        out = Path(args.out)
+        overrides = {k: getattr(args, k) for k in ("num_prompts", "samples_per_prompt", "max_new_tokens") if getattr(args, k)}
+        scored: list[Scored] = []
+        for adapter in args.adapter or [None]:
+            base, model = score(config_args, adapter, out / "runs", overrides)
+            if not scored and (args.base or not args.adapter):
+                scored.append(Scored(BASE, base))
+            if adapter is not None:
+                scored.append(Scored(str(adapter), model))
+        rows = [table_row(s) for s in scored]
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "table.md", markdown(rows))
+        write_text(out / "table.json", json.dumps(rows, indent=2))
+        write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for s in scored for r in sample_rows(s)))
+        print(markdown(rows), end="")
+        print(f"wrote table.md, table.json, samples.jsonl in {out}")
+        return rows
+
+
+if __name__ == "__main__":
+    main()
