@@ -115,3 +115,15 @@ def test_max_rouge_drop_must_be_a_number_of_at_least_0(value):
 
     with pytest.raises(ConfigError, match="max_rouge_drop=.* must be a number of at least 0"):
         ToxicityEvaluation(max_rouge_drop=value)
+
+
+@pytest.mark.parametrize("figure", ["eval/rougeL_delta", "eval/judge_toxicity_delta", "eval/toxicity_mean", "eval/rougeL"])
+@pytest.mark.parametrize("value", [float("nan"), float("-nan"), float("inf"), float("-inf")])
+def test_a_non_finite_figure_never_qualifies(figure, value):
+    candidate = result(6, toxicity=0.20, ci_high=-0.05)
+    broken = Candidate(6, candidate.metrics | {figure: value})
+    selection = select_best([broken], max_rouge_drop=0.02, judged=True)
+    assert selection.chosen is None
+    assert f"non-finite {figure}=" in selection.rejected[6]
+    # the same candidate with finite figures qualifies: the rule, not the data, rejects it
+    assert select_best([candidate], max_rouge_drop=0.02, judged=True).chosen == candidate

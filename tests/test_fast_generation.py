@@ -99,3 +99,82 @@ def test_inverse_cdf_kwargs_refuse_a_truncated_distribution():
     assert kwargs["logits_processor"][-1].temperature == 0.5
     with pytest.raises(ValueError, match="top_k=50"):
         inverse_cdf_kwargs({"top_k": 50, "top_p": 1.0})
+
+
+def implied_distribution(sampler, logits):
+    """Each token's probability under the sampler: the width of its CDF interval over the total."""
+    cdf = sampler.cdf(logits)  # (B, V) float64
+    widths = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1]))
+    return widths / cdf[:, -1:]
+
+
+@pytest.mark.parametrize("vocab", [32_128, 151_936])
+@pytest.mark.parametrize("std", [1.0, 3.0, 8.0], ids=["flat", "peaked", "very-peaked"])
+def test_inverse_cdf_sampler_implies_the_softmax_at_real_vocabulary_sizes(vocab, std):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(4, vocab, generator=generator) * std  # float32, as generate's scores
+    logits[:, :7] = float("-inf")  # masked tokens (e.g. min_length's EOS ban)
+    sampler = InverseCDFSampler(temperature=0.9)
+    implied = implied_distribution(sampler, logits)
+    exact = (logits.double() / 0.9).softmax(dim=-1)
+    total_variation = 0.5 * (implied - exact).abs().sum(dim=-1)
+    assert float(total_variation.max()) < 1e-9
+    assert bool((implied[:, :7] == 0).all())  # probability 0 stays 0
+    assert bool((implied[exact > 0] > 0).all())  # every possible token can be drawn
+    # and the draw maps the middle of each interval to its own token, the smallest ones included
+    rows = torch.arange(4)
+    tiny = exact.masked_fill(exact == 0, 2.0).argmin(dim=-1)  # each row's least likely possible token
+    cdf = sampler.cdf(logits)
+    middle = (cdf[rows, tiny] - 0.5 * implied[rows, tiny] * cdf[:, -1]) / cdf[:, -1]
+    assert torch.equal(sampler.draw(cdf, middle.unsqueeze(1)).squeeze(1), tiny)
+
+
+def test_a_float32_cdf_would_fail_the_distribution_check():
+    """The check above can fail: the same widths from a float32 CDF miss the bound by orders of magnitude."""
+    logits = torch.randn(4, 151_936, generator=torch.Generator().manual_seed(0)) * 3.0
+    cdf32 = logits.softmax(dim=-1).cumsum(dim=-1)
+    widths = torch.diff(cdf32, dim=-1, prepend=torch.zeros_like(cdf32[:, :1])).double() / cdf32[:, -1:].double()
+    exact = logits.double().softmax(dim=-1)
+    assert float(0.5 * (widths - exact).abs().sum(dim=-1).max()) > 1e-6
+
+
+def test_inverse_cdf_sampling_through_generate_repeats_under_a_seed(policy):
+    model, tokenizer = policy
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    kwargs = inverse_cdf_kwargs({"top_k": 0, "top_p": 1.0, "temperature": 1.0})
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            runs.append(model.generate(**enc, max_new_tokens=10, min_length=11, pad_token_id=0, eos_token_id=1, **kwargs))
+    assert torch.equal(runs[0], runs[1])
+    torch.manual_seed(4)
+    with torch.no_grad():
+        other = model.generate(**enc, max_new_tokens=10, min_length=11, pad_token_id=0, eos_token_id=1, **kwargs)
+    assert not torch.equal(runs[0], other)
+
+
+def test_a_failing_merge_surfaces_its_own_error_and_puts_back_what_was_merged(policy, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    model, _ = policy
+    weights = {n: p.data.clone() for n, p in base_weights(model).items()}
+    layers = [m for m in model.pretrained_model.modules() if isinstance(m, LoraLayer)]
+    calls = []
+    original = LoraLayer.get_delta_weight if hasattr(LoraLayer, "get_delta_weight") else None
+
+    def failing(self, adapter):
+        calls.append(self)
+        if len(calls) == 3:  # two layers merged, the third fails
+            raise RuntimeError("delta weight failed")
+        return type(self).get_delta_weight.__wrapped__(self, adapter)
+
+    for layer in layers:
+        bound = type(layer).get_delta_weight
+        failing.__wrapped__ = bound
+        monkeypatch.setattr(layer, "get_delta_weight", failing.__get__(layer))
+    with pytest.raises(RuntimeError, match="delta weight failed"), merged_lora(model.pretrained_model):
+        pass
+    assert len(calls) == 3 and original is not None
+    assert all(torch.equal(p.data, weights[n]) for n, p in base_weights(model).items())
+    assert all(not layer.merged_adapters for layer in layers)

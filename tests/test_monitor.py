@@ -9,10 +9,8 @@ import pytest
 import torch
 from helpers import fit
 
-from detox_lightning import GenerationSettings, PolicyConfig, RLDetoxModule, RLSettings, RewardModel
-from detox_lightning.io.checkpoint import RLCheckpoint, load_checkpoint_file
+from detox_lightning import GenerationSettings, PolicyConfig, RewardModel, RLDetoxModule, RLSettings
 from detox_lightning.errors import ConfigError
-from detox_lightning.evaluation.toxicity import ToxicityEvaluation
 from detox_lightning.evaluation.monitor import (
     Band,
     RolloutMonitor,
@@ -23,6 +21,8 @@ from detox_lightning.evaluation.monitor import (
     repeated_ngram_rate,
     rollout_figures,
 )
+from detox_lightning.evaluation.toxicity import ToxicityEvaluation
+from detox_lightning.io.checkpoint import RLCheckpoint, load_checkpoint_file
 from detox_lightning.models.rollout import RolloutRecord
 
 # ---- figures against hand values ----
@@ -214,6 +214,9 @@ def test_rollback_restores_the_last_in_band_state_lowers_the_learning_rate_and_g
     assert moments and all(
         torch.equal(a["exp_avg"], b) for a, b in zip(after["optimizer_states"][0]["state"].values(), moments, strict=True)
     )
+    # the adaptive KL coefficient, which moved at every iteration since, comes back with the weights
+    assert after["ppo_state"]["kl_controller"] == good["ppo_state"]["kl_controller"]
+    assert saved(breach_at - 1)["ppo_state"]["kl_controller"] != good["ppo_state"]["kl_controller"]
     lr = [g["lr"] for g in good["optimizer_states"][0]["param_groups"]]
     assert [g["lr"] for g in after["optimizer_states"][0]["param_groups"]] == pytest.approx([x * 0.5 for x in lr])
     # ... and the run trained on from there: the next checkpoint differs
@@ -222,10 +225,10 @@ def test_rollback_restores_the_last_in_band_state_lowers_the_learning_rate_and_g
 
 
 def test_every_shipped_ppo_config_runs_the_monitor():
+    from importlib import import_module
     from pathlib import Path
 
     import yaml
-    from importlib import import_module
 
     def import_string(path):
         module, _, name = path.rpartition(".")
@@ -240,3 +243,34 @@ def test_every_shipped_ppo_config_runs_the_monitor():
         assert RolloutMonitor in classes, (
             f"configs/{config.name}: add the detox_lightning.evaluation.RolloutMonitor callback (every shipped PPO config runs it)"
         )
+
+
+# ---- a reward that pays for what the judge flags ----
+
+
+@pytest.mark.slow
+def test_a_gameable_reward_is_caught_by_the_judge_band_and_rolled_back(tiny_t5, quickstart_sft_adapter, sample_data, tmp_path, caplog):
+    """The reward pays for a word the judge calls toxic: the judge's toxicity on the rollouts rises
+    while the reward rises, the default judge band breaches, and the monitor rolls back."""
+    from detox_lightning.rewards import FunctionReward
+
+    pl.seed_everything(0)
+    module = RLDetoxModule(
+        reward=FunctionReward(function="reward_fns:pays_for_dollars", toxicity_function="reward_fns:flags_dollars"),
+        policy=PolicyConfig(model_name_or_path=tiny_t5, adapter_name_or_path=quickstart_sft_adapter),
+        ppo=RLSettings(learning_rate=2e-3, mini_batch_size=4, ppo_epochs=2),
+        generation=GenerationSettings(min_length=20, output_min_length=32, output_max_length=32),
+        batch_size=8,
+    )
+    judge = FunctionReward(function="reward_fns:pays_for_dollars", toxicity_function="reward_fns:flags_dollars", text="response")
+    evaluation = ToxicityEvaluation(
+        num_prompts=8, max_new_tokens=8, batch_size=8, bootstrap_resamples=10, judge=judge, text="response",
+        export_adapter=False, export_best_adapter=False, plots=False, fluency=False,
+    )
+    monitor = RolloutMonitor(action="rollback", judge_every_n_iterations=1, max_distinct_2_drop=None, max_length_change=None)
+    assert monitor.bands == [Band("monitor/judge_toxicity", "rise", 0.1)]  # the default band, alone here
+    with caplog.at_level(logging.INFO):
+        fit(module, sample_data, tmp_path, iterations=8, callbacks=[monitor, evaluation])
+    breaches = [line for line in monitor_lines(caplog) if "is outside its band" in line]
+    assert breaches and all(": judge toxicity " in line for line in breaches), monitor_lines(caplog)
+    assert monitor.rolled_back, monitor_lines(caplog)

@@ -1,7 +1,7 @@
 """Which evaluated policy to export as `adapter_best/`: a pure choice among evaluation results.
 
 Every policy evaluation of a run (`ToxicityEvaluation`'s `eval/...` figures at an iteration) is a
-candidate. A candidate qualifies when its toxicity fell for sure (the paired CI's upper bound is
+candidate. A candidate qualifies when every figure is finite, its toxicity fell for sure (the paired CI's upper bound is
 below 0), its ROUGE-L fell by at most `max_rouge_drop` (absolute), and, when a judge is set, the
 judge's toxicity did not rise (delta <= 0). The qualified candidate with the lowest mean toxicity
 is chosen (the earliest on a tie: fewer updates away from the reference); every other candidate
@@ -10,6 +10,7 @@ gets the reason it was not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -84,11 +85,16 @@ def disqualification(metrics: dict[str, float], max_rouge_drop: float, judged: b
         judged: a judge is set, so its delta must not be above 0.
     """
     reasons = []
+    # A NaN compares False with everything, so each check is written to fail on it; and any
+    # non-finite figure of the candidate disqualifies it outright.
+    broken = sorted(k for k in FIGURES if k in metrics and not math.isfinite(metrics[k]))
+    if broken:
+        reasons.append(f"non-finite {', '.join(f'{k}={metrics[k]}' for k in broken)}")
     high = metrics["eval/toxicity_delta_ci_high"]
     if not high < 0:
         reasons.append(f"toxicity CI upper bound {high:+.4f} is not below 0")
     rouge_delta = metrics.get("eval/rougeL_delta")
-    if rouge_delta is not None and -rouge_delta > max_rouge_drop:
+    if rouge_delta is not None and not -rouge_delta <= max_rouge_drop:
         reasons.append(f"ROUGE-L fell by {-rouge_delta:.4f} > max_rouge_drop {max_rouge_drop:g}")
     if judged:
         judge_delta = metrics.get("eval/judge_toxicity_delta")

@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from detox_lightning.io.checkpoint import ppo_iterations
 from detox_lightning.errors import out_of_range, raise_problems
+from detox_lightning.evaluation.scoring import run_scoring, toxicity_of
+from detox_lightning.io.checkpoint import iterations_done
 
 Action = Literal["warn", "stop", "rollback"]
 Adjust = Literal["learning_rate", "kl_coef"]
@@ -263,7 +264,9 @@ class RolloutMonitor(Callback):
         max_repeated_ngram_rate: breach when the repeated n-gram rate exceeds this, in (0, 1].
         max_kl: breach when the mean KL per response (`objective/kl`) exceeds this (> 0).
         max_judge_toxicity_rise: breach when the judge's mean toxicity on the rollouts rises by
-            more than this over its first value, in (0, 1].
+            more than this over its first value, in (0, 1]. The reward-hacking alarm: the reward
+            rises while a classifier that did not train the policy sees more toxicity. On by
+            default; it acts only where the `ToxicityEvaluation` has a judge.
         repeat_n: the n of the repeated n-gram rate.
         judge_every_n_iterations: score the rollouts with the judge of the `ToxicityEvaluation`
             callback at iterations 1, 1 + N, 1 + 2N, ...; 0: never (also when no judge is set).
@@ -281,7 +284,7 @@ class RolloutMonitor(Callback):
         max_length_change: float | None = 0.4,
         max_repeated_ngram_rate: float | None = None,
         max_kl: float | None = None,
-        max_judge_toxicity_rise: float | None = None,
+        max_judge_toxicity_rise: float | None = 0.1,
         repeat_n: int = 3,
         judge_every_n_iterations: int = 4,
         rollback_adjust: Adjust = "learning_rate",
@@ -351,21 +354,19 @@ class RolloutMonitor(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.action == "rollback":
-            self._pending = capture_state(pl_module, ppo_iterations(trainer))
+            self._pending = capture_state(pl_module, iterations_done(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         record = getattr(pl_module, "last_rollout", None)
         if record is None:
             return
-        iteration = ppo_iterations(trainer)  # this one included
+        iteration = iterations_done(trainer)  # this one included
         stats = RolloutStats.of(record)
-        judge, text = self.judge_of(trainer)
+        scoring = run_scoring(trainer, with_judge=True)  # the ToxicityEvaluation's judge and text
         n = self.judge_every_n_iterations
-        if judge is not None and n and (iteration - 1) % n == 0:
-            from detox_lightning.evaluation.toxicity import toxicity_of
-
-            judge.to(pl_module.device)
-            stats.judge_toxicity = toxicity_of(judge, record.queries, record.responses, text).tolist()
+        if scoring is not None and n and (iteration - 1) % n == 0:
+            scoring.judge.to(pl_module.device)
+            stats.judge_toxicity = toxicity_of(scoring.judge, record.queries, record.responses, scoring.text).tolist()
         if trainer.world_size > 1:  # every rank's rollouts: the same figures and decisions everywhere
             parts = [None] * trainer.world_size
             torch.distributed.all_gather_object(parts, stats)
@@ -395,22 +396,13 @@ class RolloutMonitor(Callback):
         if not self.last:
             return
         breaches = ", ".join(f"{LABELS[m]} x{c}" for m, c in self.breaches.items()) or "none"
-        iteration = ppo_iterations(trainer)
+        iteration = iterations_done(trainer)
         rank_zero_info(
             f"monitor: last rollouts (iteration {iteration}): {self.describe(self.last, with_first=True, at=iteration)}; "
             f"iterations in breach: {breaches}" + (f"; rollbacks: {self.rollbacks}" if self.rollbacks else "")
         )
 
     # ---- helpers ----
-
-    def judge_of(self, trainer: pl.Trainer):
-        """(judge, scored text) of the run's `ToxicityEvaluation`, or (None, None)."""
-        from detox_lightning.evaluation.toxicity import ToxicityEvaluation
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, ToxicityEvaluation) and callback.judge is not None:
-                return callback.judge, callback.text
-        return None, None
 
     def describe(self, figures: dict[str, float], with_first: bool = False, at: int | None = None) -> str:
         parts = []

@@ -7,10 +7,9 @@ rounding (log-probs of the sampled tokens within 1e-5 of the unmerged forward's,
 unmerged `generate`'s), and inverse-CDF sampling draws from the same softmax. They change the
 random stream, so a seeded run samples other (equally likely) responses than before.
 
-Measured on the benchmark's FLAN-T5-small shape, batch 16, 64 new tokens, one thread, CPU time of
-`generate` (2026-12-01, busy 2-core host, so ratios only): plain 4.4 s, merged 4.1 s, inverse
-CDF 3.8 s, both 3.7 s (-17%). `torch.multinomial` over 32,128 ids spends ~10 ms a step in
-`exponential_` (one random number per id); the inverse CDF needs one per row.
+Why it is cheaper: `torch.multinomial` draws one exponential random number per vocabulary id
+and step; the inverse CDF needs one uniform number per row. The figures are in the benchmark's
+README (detox_lightning/bench/README.md).
 """
 
 from __future__ import annotations
@@ -54,9 +53,10 @@ def merged_lora(peft_model: nn.Module) -> Iterator[int]:
         with torch.no_grad():
             for module, base in layers:
                 original = base.weight.data
-                saved.append((module, base, original))
-                base.weight.data = original + module.get_delta_weight(active).to(original.dtype)
+                merged = original + module.get_delta_weight(active).to(original.dtype)  # may raise: nothing changed yet
+                base.weight.data = merged
                 module.merged_adapters.append(active)
+                saved.append((module, base, original))  # only what was merged is put back
         yield len(layers)
     finally:
         for module, base, original in saved:
@@ -78,15 +78,31 @@ class InverseCDFSampler(LogitsProcessor):
             raise ValueError(f"temperature={temperature} must be positive")
         self.temperature = temperature
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = (scores.float() / self.temperature).softmax(dim=-1)  # (B, V); -inf gives exactly 0
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand(scores.shape[0], 1, device=scores.device) * cdf[:, -1:]
+    def cdf(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, V) float64 cumulative probabilities of softmax(scores / temperature).
+
+        Float64 on purpose: near the top of a float32 CDF one rounding step (~6e-8) is wider than
+        the probabilities of thousands of tokens of a 32k-152k vocabulary, which would then never
+        be drawn while their neighbours are drawn too often. Token i owns [cdf[i-1], cdf[i]).
+        """
+        probs = (scores.double() / self.temperature).softmax(dim=-1)  # (B, V); -inf gives exactly 0
+        return probs.cumsum(dim=-1)
+
+    @staticmethod
+    def draw(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """(B, 1) token ids whose CDF interval holds u (B, 1) float64 in [0, 1)."""
+        u = u * cdf[:, -1:]  # (B, 1): the CDF's own total, 1 up to rounding
         # right=True: a u that lands exactly on a boundary goes to the next token, never to one of probability 0
-        token = torch.searchsorted(cdf, u, right=True).clamp_max(scores.shape[-1] - 1)
-        # float rounding can leave the clamp on a zero-probability tail: step back to the last possible token
-        last_possible = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
-        token = torch.minimum(token, last_possible)
+        token = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1)
+        # u rounded up to the total would fall past the last token of non-zero probability: step back to it
+        steps = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1]))  # (B, V)
+        last_possible = (steps > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)
+        return torch.minimum(token, last_possible)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = self.cdf(scores)  # (B, V) float64
+        u = torch.rand(scores.shape[0], 1, device=scores.device, dtype=torch.float64)  # 53 random bits a row
+        token = self.draw(cdf, u)  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
