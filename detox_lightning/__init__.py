@@ -8,7 +8,13 @@ Layers, lowest first (a test checks that none imports a higher one): `errors`, `
 
 from detox_lightning.data import DialogSumDataModule
 from detox_lightning.models import PolicyConfig
-from detox_lightning.rewards import CombinedReward, FunctionReward, HFClassifierReward, ProfanityCheckReward, RewardModel
+from detox_lightning.rewards import (
+    CombinedReward,
+    FunctionReward,
+    HFClassifierReward,
+    ProfanityCheckReward,
+    RewardModel,
+)
 from detox_lightning.training import GenerationSettings, PPODetoxModule, PPOSettings, RLDetoxModule, RLSettings
 
 __all__ = [

@@ -1,37 +1,16 @@
 """Evaluation measurements and statistics, as `evaluate` modules defined in code (offline).
 
 `evaluate.load("toxicity")` and `evaluate.load("rouge")` fetch scripts from the hub and fail
-offline, so the two measurements are `evaluate` modules of our own: `Toxicity` computes the same
-number as the hub's toxicity measurement (softmax probability of the toxic label), with any
-`RewardModel` as the classifier; `Rouge` wraps `rouge-score`, as the hub's rouge module does.
+offline, so the measurements are `evaluate` modules of our own: `Rouge` wraps `rouge-score`, as
+the hub's rouge module does; `Toxicity` (the hub's toxicity number from any reward component)
+lives beside the rewards, in `detox_lightning.rewards.measurement`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import datasets
 import evaluate
 import numpy as np
-
-
-class Toxicity(evaluate.Measurement):
-    """Probability of the toxic label for each text, from `toxicity_fn(texts)`."""
-
-    def __init__(self, toxicity_fn: Callable[[list[str]], Sequence[float]], **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.toxicity_fn = toxicity_fn
-
-    def _info(self) -> evaluate.MeasurementInfo:
-        return evaluate.MeasurementInfo(
-            description="Probability of the toxic label under a classifier (as the hub's 'toxicity').",
-            citation="",
-            inputs_description="predictions: list of texts",
-            features=datasets.Features({"predictions": datasets.Value("string")}),
-        )
-
-    def _compute(self, predictions: list[str]) -> dict:
-        return {"toxicity": [float(x) for x in self.toxicity_fn(list(predictions))]}
 
 
 class Rouge(evaluate.Metric):

@@ -14,9 +14,16 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from detox_lightning.offline.builtin import resolve
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems, user_input
-from detox_lightning.rewards.quantize import INT8_DYNAMIC, QUANTIZE_CHOICES, Quantize, has_int8_linear, quantize_linear_int8
+from detox_lightning.offline.builtin import resolve
+from detox_lightning.rewards.measurement import Toxicity
+from detox_lightning.rewards.quantize import (
+    INT8_DYNAMIC,
+    QUANTIZE_CHOICES,
+    Quantize,
+    has_int8_linear,
+    quantize_linear_int8,
+)
 
 RewardText = Literal["query_response", "response"]
 
@@ -72,8 +79,6 @@ class RewardModel(nn.Module, ABC):
         What evaluation, the judge and monitors call: `evaluate`'s measurement over this
         component's `toxicity`. Components that score pairs rather than texts override it.
         """
-        from detox_lightning.evaluation.metrics import Toxicity
-
         texts = reward_texts(queries, responses, text)
         if not texts:
             return torch.zeros(0)
