@@ -3,7 +3,7 @@ score models on a config's held-out prompts, without training, in the literature
 
 One row per model (DExperts' Table 2): expected maximum toxicity (with its std over prompts),
 toxicity probability, fluency (perplexity under the config's base model), distinct-1/2/3, and
-the same toxicity figures for the judge when the config's `ToxicityEvaluation` has one. Every
+the same toxicity figures for each judge of the config's `ToxicityEvaluation`. Every
 model samples the same prompts under the same seeds (the config's `ToxicityEvaluation` settings),
 and every figure can be recomputed from `samples.jsonl` (one line per sample: model, prompt id,
 sample index, prompt, text, every scorer's toxicity and the log-perplexity).
@@ -46,6 +46,8 @@ def table_row(scored: Scored) -> dict[str, float | str]:
     scorers = {"toxicity": out.toxicity}
     if out.judge_toxicity is not None:
         scorers["judge_toxicity"] = out.judge_toxicity
+    for label, values in (out.more_judges or {}).items():
+        scorers[f"{label}_toxicity"] = values
     for name, values in scorers.items():
         row[f"{name}_exp_max"], row[f"{name}_exp_max_std"] = protocol.expected_max_toxicity(values)
         row[f"{name}_prob"] = protocol.toxicity_probability(values)
@@ -67,6 +69,8 @@ def sample_rows(scored: Scored) -> list[dict]:
                    "toxicity": float(out.toxicity[p, j])}
             if out.judge_toxicity is not None:
                 row["judge_toxicity"] = float(out.judge_toxicity[p, j])
+            for label, values in (out.more_judges or {}).items():
+                row[f"{label}_toxicity"] = float(values[p, j])
             if out.log_ppl is not None:
                 row["log_perplexity"] = float(out.log_ppl[p, j])
             rows.append(row)
@@ -88,7 +92,10 @@ COLUMNS = [
 
 
 def markdown(rows: list[dict]) -> str:
-    columns = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    labels = sorted({k.removesuffix("_toxicity_exp_max") for r in rows for k in r if k.endswith("_toxicity_exp_max")})
+    extra = [(f"{label}_toxicity_exp_max", f"{label} exp. max.", "{:.4f}") for label in labels if label.startswith("judge") and label != "judge"]
+    extra += [(f"{label}_toxicity_prob", f"{label} prob.", "{:.3f}") for label in labels if label.startswith("judge") and label != "judge"]
+    columns = [c for c in COLUMNS + extra if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "-" for key, _, fmt in columns) + " |")

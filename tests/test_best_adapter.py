@@ -37,7 +37,7 @@ SYNTHETIC = [
 
 
 def test_selection_picks_the_lowest_qualified_toxicity_and_names_each_rejection():
-    selection = select_best(SYNTHETIC, max_rouge_drop=0.02, judged=True)
+    selection = select_best(SYNTHETIC, max_rouge_drop=0.02, judge="judge")
     assert selection.chosen.iteration == 6
     assert selection.rejected == {
         2: "toxicity 0.3000 is not below iteration 6's 0.2000",
@@ -55,14 +55,14 @@ def test_selection_picks_the_lowest_qualified_toxicity_and_names_each_rejection(
 
 
 def test_selection_settings_change_the_choice():
-    assert select_best(SYNTHETIC, max_rouge_drop=0.05, judged=True).chosen.iteration == 8  # a looser ROUGE guard
-    assert select_best(SYNTHETIC, max_rouge_drop=0.02, judged=False).chosen.iteration == 10  # no judge to veto it
+    assert select_best(SYNTHETIC, max_rouge_drop=0.05, judge="judge").chosen.iteration == 8  # a looser ROUGE guard
+    assert select_best(SYNTHETIC, max_rouge_drop=0.02, judge=None).chosen.iteration == 10  # no judge to veto it
     two = [result(2, 0.3, -0.01, judge_delta=None)]
-    assert select_best(two, 0.02, judged=True).rejected == {2: "no judge toxicity"}
+    assert select_best(two, 0.02, judge="judge").rejected == {2: "no judge toxicity"}
 
 
 def test_no_qualified_candidate_chooses_none_and_says_so():
-    selection = select_best([result(3, 0.05, 0.0), result(6, 0.04, -0.1, rouge_delta=-0.5)], 0.02, judged=True)
+    selection = select_best([result(3, 0.05, 0.0), result(6, 0.04, -0.1, rouge_delta=-0.5)], 0.02, judge="judge")
     assert selection.chosen is None and set(selection.rejected) == {3, 6}
     assert selection.lines()[0] == "best adapter: none of 2 evaluations qualifies; adapter_best/ not written"
     assert selection.as_dict()["iteration"] is None
@@ -122,8 +122,8 @@ def test_max_rouge_drop_must_be_a_number_of_at_least_0(value):
 def test_a_non_finite_figure_never_qualifies(figure, value):
     candidate = result(6, toxicity=0.20, ci_high=-0.05)
     broken = Candidate(6, candidate.metrics | {figure: value})
-    selection = select_best([broken], max_rouge_drop=0.02, judged=True)
+    selection = select_best([broken], max_rouge_drop=0.02, judge="judge")
     assert selection.chosen is None
     assert f"non-finite {figure}=" in selection.rejected[6]
     # the same candidate with finite figures qualifies: the rule, not the data, rejects it
-    assert select_best([candidate], max_rouge_drop=0.02, judged=True).chosen == candidate
+    assert select_best([candidate], max_rouge_drop=0.02, judge="judge").chosen == candidate

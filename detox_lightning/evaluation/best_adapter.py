@@ -76,13 +76,14 @@ def describe(m: dict[str, float]) -> str:
     return text
 
 
-def disqualification(metrics: dict[str, float], max_rouge_drop: float, judged: bool) -> str | None:
+def disqualification(metrics: dict[str, float], max_rouge_drop: float, judge: str | None) -> str | None:
     """Why a candidate cannot be chosen, or None when it qualifies.
 
     Args:
         metrics: the candidate's `eval/...` figures.
         max_rouge_drop: the largest allowed fall of ROUGE-L (absolute); not checked without ROUGE.
-        judged: a judge is set, so its delta must not be above 0.
+        judge: the label of the judge whose delta must not be above 0 (`judge`, `judge2`, ...);
+            None: no judge is set.
     """
     reasons = []
     # A NaN compares False with everything, so each check is written to fail on it; and any
@@ -96,20 +97,20 @@ def disqualification(metrics: dict[str, float], max_rouge_drop: float, judged: b
     rouge_delta = metrics.get("eval/rougeL_delta")
     if rouge_delta is not None and not -rouge_delta <= max_rouge_drop:
         reasons.append(f"ROUGE-L fell by {-rouge_delta:.4f} > max_rouge_drop {max_rouge_drop:g}")
-    if judged:
-        judge_delta = metrics.get("eval/judge_toxicity_delta")
+    if judge is not None:
+        judge_delta = metrics.get(f"eval/{judge}_toxicity_delta")
         if judge_delta is None:
-            reasons.append("no judge toxicity")
+            reasons.append(f"no {judge} toxicity")
         elif not judge_delta <= 0:
-            reasons.append(f"judge toxicity delta {judge_delta:+.4f} is above 0")
+            reasons.append(f"{judge} toxicity delta {judge_delta:+.4f} is above 0")
     return "; ".join(reasons) or None
 
 
-def select_best(candidates: Sequence[Candidate], max_rouge_drop: float, judged: bool) -> Selection:
+def select_best(candidates: Sequence[Candidate], max_rouge_drop: float, judge: str | None) -> Selection:
     """The qualified candidate of lowest `eval/toxicity_mean` (earliest on a tie), with reasons for the rest."""
     rejected, qualified = {}, []
     for c in candidates:
-        reason = disqualification(c.metrics, max_rouge_drop, judged)
+        reason = disqualification(c.metrics, max_rouge_drop, judge)
         if reason is None:
             qualified.append(c)
         else:

@@ -50,7 +50,8 @@ class Outputs:
     length: np.ndarray
     judge_toxicity: np.ndarray | None
     rouge: dict[str, np.ndarray] | None
-    log_ppl: np.ndarray | None = None  # per-sample mean NLL of the response under the frozen reference
+    log_ppl: np.ndarray | None = None
+    more_judges: dict[str, np.ndarray] | None = None  # the second judge on: label (`judge2`, ...) -> toxicity  # per-sample mean NLL of the response under the frozen reference
 
 
 class ToxicityEvaluation(Callback):
@@ -69,7 +70,11 @@ class ToxicityEvaluation(Callback):
             summary alone). Long texts are cut as the classifier cuts them (`HFClassifierReward`
             keeps their end, so the response is never cut before the query).
         judge: a second classifier (e.g. ProfanityCheckReward) that also scores the responses, to
-            reveal reward hacking; None: the reward component only.
+            reveal reward hacking, or a list of them (each reported with its own figures, as
+            `eval/judge_...`, `eval/judge2_...`, ...); None: the reward component only. The rollout
+            monitor and the prediction writer use the first.
+        best_adapter_judge: whose toxicity may not rise for a best adapter: `judge` (the first),
+            `judge2`, ...
         table_rows: prompts in the before/after table.
         bootstrap_resamples: resamples of the paired bootstrap.
         batch_size: prompts per generate call.
@@ -100,7 +105,8 @@ class ToxicityEvaluation(Callback):
         samples_per_prompt: int = 1,
         seed: int = 1234,
         text: RewardText = "query_response",
-        judge: RewardModel | None = None,
+        judge: RewardModel | list[RewardModel] | None = None,
+        best_adapter_judge: str = "judge",
         table_rows: int = 20,
         bootstrap_resamples: int = 2000,
         batch_size: int = 16,
@@ -127,6 +133,10 @@ class ToxicityEvaluation(Callback):
             problems.append(f"text={text!r} must be one of {list(get_args(RewardText))}")
         if not (isinstance(max_rouge_drop, (int, float)) and math.isfinite(max_rouge_drop) and max_rouge_drop >= 0):
             problems.append(f"max_rouge_drop={max_rouge_drop!r} must be a number of at least 0")
+        judges = [] if judge is None else list(judge) if isinstance(judge, (list, tuple)) else [judge]
+        self.judges = {("judge" if i == 0 else f"judge{i + 1}"): model for i, model in enumerate(judges)}
+        if self.judges and best_adapter_judge not in self.judges:
+            problems.append(f"best_adapter_judge={best_adapter_judge!r} is not one of {list(self.judges)}")
         if problems:
             raise ConfigError("ToxicityEvaluation: " + "; ".join(problems))
         self.num_prompts = num_prompts
@@ -135,7 +145,8 @@ class ToxicityEvaluation(Callback):
         self.samples_per_prompt = samples_per_prompt
         self.seed = seed
         self.text = text
-        self.judge = judge
+        self.judge = judges[0] if judges else None  # the first: what the monitor and predictions use
+        self.best_adapter_judge = best_adapter_judge
         self.table_rows = table_rows
         self.bootstrap_resamples = bootstrap_resamples
         self.batch_size = batch_size
@@ -232,6 +243,7 @@ class ToxicityEvaluation(Callback):
             reward=module.reward(flat_q, flat_r).cpu().numpy().reshape(shape) if flat_r else np.zeros(shape),
             length=np.asarray(lengths, dtype=np.float64).reshape(shape),
             judge_toxicity=toxicity(self.judge) if self.judge is not None else None,
+            more_judges={label: toxicity(model) for label, model in list(self.judges.items())[1:]} or None,
             rouge=rouge,
             log_ppl=np.asarray(log_ppls, dtype=np.float64).reshape(shape) if self.fluency else None,
         )
@@ -264,6 +276,8 @@ class ToxicityEvaluation(Callback):
         scored = [("toxicity", before.toxicity, after.toxicity)]
         if after.judge_toxicity is not None:
             scored.append(("judge_toxicity", before.judge_toxicity, after.judge_toxicity))
+        for label, values in (after.more_judges or {}).items():
+            scored.append((f"{label}_toxicity", before.more_judges[label], values))
         for name, b, a in scored:
             stats_b, stats_a = summarize(b), summarize(a)
             for key, value in stats_a.items():
@@ -331,6 +345,13 @@ class ToxicityEvaluation(Callback):
             )
         if "eval/judge_toxicity_exp_max" in m:
             line += f" (judge {m['eval/judge_toxicity_exp_max']:.4f}, {m['eval/judge_toxicity_prob']:.3f})"
+        for judge in list(self.judges)[1:]:
+            if f"eval/{judge}_toxicity_mean" in m:
+                line += (
+                    f" | {judge} {m[f'eval/{judge}_toxicity_mean']:.4f}, delta {m[f'eval/{judge}_toxicity_delta']:+.4f} "
+                    f"[{m[f'eval/{judge}_toxicity_delta_ci_low']:+.4f}, {m[f'eval/{judge}_toxicity_delta_ci_high']:+.4f}], "
+                    f"exp. max. {m[f'eval/{judge}_toxicity_exp_max']:.4f}"
+                )
         if "eval/perplexity" in m:
             line += f" | perplexity {m['eval/perplexity']:.1f}"
             if "eval/log_perplexity_delta" in m:
@@ -367,8 +388,8 @@ class ToxicityEvaluation(Callback):
         return metrics
 
     def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if self.judge is not None:
-            self.judge.to(module.device)
+        for judge in self.judges.values():
+            judge.to(module.device)
         self.last_outputs, self.last_step = None, None  # a policy evaluation of an earlier run is stale
         resumed, self._resumed = self._resumed, False
         if not resumed:  # a resumed fit chooses adapter_best/ over the whole run, before the resume too
@@ -495,7 +516,7 @@ class ToxicityEvaluation(Callback):
             export_adapter(module, Path(log_dir or trainer.default_root_dir) / "adapter_best", card)
 
     def selection(self):
-        return select_best(self.candidates, self.max_rouge_drop, judged=self.judge is not None)
+        return select_best(self.candidates, self.max_rouge_drop, judge=self.best_adapter_judge if self.judges else None)
 
     def report(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, log_dir: str | None = None) -> dict:
         """The JSON report; pass `log_dir` when only rank 0 calls this (`trainer.log_dir` is a collective)."""
@@ -519,9 +540,12 @@ class ToxicityEvaluation(Callback):
             "policy_dtype": str(module.policy.pretrained_model.get_input_embeddings().weight.dtype).removeprefix("torch."),
             "reward": type(module.reward).__name__,
             "judge": type(self.judge).__name__ if self.judge is not None else None,
+            "judges": {label: type(model).__name__ for label, model in self.judges.items()},
+            "best_adapter_judge": self.best_adapter_judge if self.judges else None,
             # the arithmetic each classifier that judged scored with (e.g. float32, int8-dynamic)
             "reward_precision": describe_precision(module.reward),
             "judge_precision": describe_precision(self.judge),
+            "judges_precision": {label: describe_precision(model) for label, model in self.judges.items()},
             "config": config_file.read_text() if config_file.is_file() else None,
             "versions": {
                 "python": platform.python_version(),
@@ -555,6 +579,8 @@ def gather_outputs(index: list[int], shard: Outputs, has_summaries: bool) -> Out
         judge_toxicity=stack(lambda o: o.judge_toxicity) if shard.judge_toxicity is not None else None,
         rouge={name: stack(lambda o, n=name: o.rouge[n]) for name in rouge_keys} if with_rouge else None,
         log_ppl=stack(lambda o: o.log_ppl) if shard.log_ppl is not None else None,
+        more_judges={label: stack(lambda o, n=label: o.more_judges[n]) for label in shard.more_judges}
+        if shard.more_judges else None,
     )
 
 
