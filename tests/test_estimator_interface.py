@@ -167,3 +167,23 @@ def test_settings_problems_name_the_flag(ppo, message):
 def test_reinforce_plus_plus_accepts_one_sample_per_prompt_and_any_gamma():
     check_settings(4, RLSettings(advantage_estimator="reinforce_plus_plus", gamma=0.9), GenerationSettings())
     assert estimator_problems(SimpleNamespace(advantage_estimator="reinforce_plus_plus", gamma=0.5)) == []
+
+
+@pytest.mark.parametrize(("name", "k", "trl_default"), [
+    ("gae", 1, "trl 1.12's PPOConfig: kl_coef 0.05 fixed"),
+    ("rloo", 2, "trl 1.12's RLOOConfig: beta 0.05 fixed"),
+    ("grpo", 2, "trl 1.12's GRPOConfig: beta 0.0, loss_type dapo"),
+])
+def test_the_start_up_line_states_the_effective_beta_and_loss_beside_trls_defaults(name, k, trl_default):
+    adaptive = build_estimator(RLSettings(advantage_estimator=name, samples_per_prompt=k)).describe()
+    assert f"estimator {name}, k = {k}: KL coefficient 0.2, adaptive (target 6, horizon 10000); loss: " in adaptive
+    assert trl_default in adaptive
+    fixed = build_estimator(RLSettings(advantage_estimator=name, samples_per_prompt=k, init_kl_coef=0.05, adap_kl_ctrl=False))
+    assert "KL coefficient 0.05, fixed" in fixed.describe()
+    none = build_estimator(RLSettings(advantage_estimator=name, samples_per_prompt=k, init_kl_coef=0.0, adap_kl_ctrl=False))
+    assert "KL coefficient 0 (no reference pass)" in none.describe() and not none.needs_reference
+    if name == "grpo":
+        assert "dapo aggregation, beta x k3 KL x ratio (bias-corrected)" in adaptive
+        plain = build_estimator(RLSettings(advantage_estimator=name, samples_per_prompt=k, loss_type="bnpo",
+                                           use_bias_correction_kl=False))
+        assert "bnpo aggregation, beta x k3 KL (" in plain.describe()

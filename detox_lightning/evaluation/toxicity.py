@@ -538,6 +538,7 @@ class ToxicityEvaluation(Callback):
             "after": self.last_metrics,
             "policy": asdict(module.policy_config),
             "policy_dtype": str(module.policy.pretrained_model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+            "estimator": module.estimator.describe() if hasattr(module, "estimator") else None,
             "reward": type(module.reward).__name__,
             "judge": type(self.judge).__name__ if self.judge is not None else None,
             "judges": {label: type(model).__name__ for label, model in self.judges.items()},

@@ -16,6 +16,7 @@ from functools import partial
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from detox_lightning.models.architectures import architecture_of
 from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
@@ -68,6 +69,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
         self.estimator = build_estimator(ppo, max_completion_length=generation.output_max_length)
+        rank_zero_info(self.estimator.describe())  # where this run's KL and loss differ from the library's defaults
         self.policy, self.tokenizer = build_policy(policy, value_head=self.estimator.needs_value_head)
         self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
         # generate's logits round as the teacher-forced forward only in float32 (RLSettings docs)

@@ -77,6 +77,10 @@ class Estimator(ABC):
     #       trl's PPO computes it when nothing is accumulated); "sequences": no token count (a mean
     #       over sequences; the caller divides by the number of micro-batches, all equally large).
     token_normaliser: ClassVar[Literal["sequences", "mini_batch", "step"]] = "sequences"
+    # For the start-up line: how the loss aggregates, and the defaults of the library the
+    # estimator comes from, so that a user switching from it sees where this run differs.
+    loss_description: ClassVar[str] = ""
+    reference_defaults: ClassVar[str] = ""
 
     def __init__(self, settings: Any, max_completion_length: int | None = None) -> None:
         self.settings = settings
@@ -87,6 +91,18 @@ class Estimator(ABC):
     def needs_reference(self) -> bool:
         """Whether any KL to the reference enters training: not with a coefficient fixed at 0."""
         return not (self.settings.init_kl_coef == 0 and not self.settings.adap_kl_ctrl)
+
+    def describe(self) -> str:
+        """One line: the effective KL coefficient and loss aggregation, beside the reference defaults."""
+        s = self.settings
+        if not self.needs_reference:
+            beta = "0 (no reference pass)"
+        elif s.adap_kl_ctrl:
+            beta = f"{s.init_kl_coef:g}, adaptive (target {s.target:g}, horizon {s.horizon})"
+        else:
+            beta = f"{s.init_kl_coef:g}, fixed"
+        line = f"estimator {self.name}, k = {self.k}: KL coefficient {beta}; loss: {self.loss_description}"
+        return line + (f" ({self.reference_defaults})" if self.reference_defaults else "")
 
     @classmethod
     def problems(cls, settings: Any) -> list[str]:

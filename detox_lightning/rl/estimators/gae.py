@@ -67,6 +67,10 @@ class GAE(Estimator):
     name: ClassVar[str] = "gae"
     needs_value_head: ClassVar[bool] = True
     token_normaliser: ClassVar[str] = "mini_batch"
+    loss_description: ClassVar[str] = "clipped ratio per token, mean over the mini-batch's tokens, + vf_coef x clipped value loss"
+    reference_defaults: ClassVar[str] = (
+        "trl 1.12's PPOConfig: kl_coef 0.05 fixed; the notebook's classic trl: 0.2 adaptive, target 6"
+    )
 
     def advantages(
         self, rollout: Rollout, all_reduce_sum: AllReduceSum = identity

@@ -50,12 +50,19 @@ class GRPO(SequenceEstimator):
     `use_bias_correction_kl`, trl's default), aggregated as `loss_type`."""
 
     name: ClassVar[str] = "grpo"
+    reference_defaults: ClassVar[str] = (
+        "trl 1.12's GRPOConfig: beta 0.0, loss_type dapo, scale_rewards group, use_bias_correction_kl true"
+    )
 
     def __init__(self, settings: Any, max_completion_length: int | None = None) -> None:
         super().__init__(settings, max_completion_length)
         # dapo sums over the step's tokens on every rank, bnpo averages this rank's tokens; grpo and
         # dr_grpo are means over sequences
         self.token_normaliser = {"dapo": "step", "bnpo": "mini_batch"}.get(settings.loss_type, "sequences")
+        self.loss_description = (
+            f"clipped ratio per token, {settings.loss_type} aggregation, beta x k3 KL"
+            + (" x ratio (bias-corrected)" if settings.use_bias_correction_kl else "")
+        )
 
     def advantages(self, rollout: Rollout, all_reduce_sum: AllReduceSum = identity) -> tuple[torch.Tensor, None]:
         advantages = grpo_advantages(rollout.scores, self.k, self.settings.scale_rewards, all_reduce_sum)  # (B,)

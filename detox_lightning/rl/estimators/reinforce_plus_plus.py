@@ -72,6 +72,8 @@ class ReinforcePlusPlus(Estimator):
 
     name: ClassVar[str] = "reinforce_plus_plus"
     token_normaliser: ClassVar[str] = "step"
+    loss_description: ClassVar[str] = "clipped ratio per token, summed over the optimizer step's tokens / their count"
+    reference_defaults: ClassVar[str] = "OpenRLHF: the KL in the reward, advantages whitened over the global batch"
 
     def sequence_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """(B,) the scores that enter the reward: as they are."""

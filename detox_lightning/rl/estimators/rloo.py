@@ -45,6 +45,8 @@ class RLOO(SequenceEstimator):
     samples; one clipped importance ratio per sequence, mean over sequences."""
 
     name: ClassVar[str] = "rloo"
+    loss_description: ClassVar[str] = "clipped ratio per sequence, mean over sequences"
+    reference_defaults: ClassVar[str] = "trl 1.12's RLOOConfig: beta 0.05 fixed, normalize_advantages false"
 
     def advantages(self, rollout: Rollout, all_reduce_sum: AllReduceSum = identity) -> tuple[torch.Tensor, None]:
         mask = rollout.mask  # (B, T)
