@@ -63,7 +63,7 @@ def test_rollout_figures_from_a_record_split_eos_cap_and_length():
         response_ids=torch.tensor([[5, 6, 5, eos], [7, 7, 7, 7], [eos, pad, pad, pad]]),
         mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool),
         max_new_tokens=4,
-        eos_token_id=eos,
+        end_token_ids=[eos],
         scores=torch.tensor([1.0, 2.0, 3.0]),
         kl=torch.tensor([0.5, 1.5, 1.0]),
     )

@@ -98,7 +98,7 @@ class RolloutStats:
         tokens, eos = [], []
         for ids, length in zip(record.response_ids.tolist(), lengths.tolist(), strict=True):
             body = ids[:length]
-            ended = bool(body) and body[-1] == record.eos_token_id
+            ended = bool(body) and body[-1] in record.end_token_ids
             tokens.append(body[:-1] if ended else body)
             eos.append(ended)
         return cls(

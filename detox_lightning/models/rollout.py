@@ -51,7 +51,7 @@ class RolloutRecord:
         queries, responses: the prompts and decoded responses (B,).
         response_ids: (B, T) response tokens; mask: (B, T) bool, True up to and including EOS.
         max_new_tokens: this iteration's token cap.
-        eos_token_id: the policy's EOS id.
+        end_token_ids: every id that ends a response (EOS, and a chat model's end of turn).
         scores: (B,) raw reward-model scores; kl: (B,) KL to the reference summed over each response
             (None when no reference pass ran).
     """
@@ -61,7 +61,7 @@ class RolloutRecord:
     response_ids: torch.Tensor
     mask: torch.Tensor
     max_new_tokens: int
-    eos_token_id: int
+    end_token_ids: list[int]
     scores: torch.Tensor
     kl: torch.Tensor | None
 

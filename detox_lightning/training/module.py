@@ -30,6 +30,7 @@ from detox_lightning.models.policy import (
 from detox_lightning.models.rollout import RolloutRecord, Samples, logprobs_and_values, sample, score_rollout
 from detox_lightning.rewards.classifiers import RewardModel
 from detox_lightning.rl.controllers import kl_controller
+from detox_lightning.models.end_tokens import end_token_ids
 from detox_lightning.rl.estimators import Rollout, build_estimator
 from detox_lightning.rl.experience import Experience
 from detox_lightning.rl.kl import per_token_kl
@@ -72,6 +73,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         rank_zero_info(self.estimator.describe())  # where this run's KL and loss differ from the library's defaults
         self.policy, self.tokenizer = build_policy(policy, value_head=self.estimator.needs_value_head)
         self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
+        self.end_token_ids = end_token_ids(self.policy.pretrained_model.generation_config, self.tokenizer)
         # generate's logits round as the teacher-forced forward only in float32 (RLSettings docs)
         self.logprobs_from_generate = (
             base_dtype(policy.dtype) == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
@@ -97,7 +99,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             **self.arch.min_length_kwargs(g.min_length),
             "max_new_tokens": max_new_tokens,
             "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": self.tokenizer.eos_token_id,
+            "eos_token_id": self.end_token_ids,  # a chat model's end of turn too, not only EOS
         }
         return inverse_cdf_kwargs(kwargs) if (g.fast_sampling if fast is None else fast) else kwargs
 
@@ -138,7 +140,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
     def shape_scores(self, scores: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
         """Optional EOS penalty, running-std scaling and clipping of the reward-model scores."""
         if self.ppo.missing_eos_penalty is not None:
-            has_eos = (response_ids == self.tokenizer.eos_token_id).any(dim=1)
+            has_eos = torch.isin(response_ids, torch.tensor(self.end_token_ids, device=response_ids.device)).any(dim=1)
             scores = scores - self.ppo.missing_eos_penalty * (~has_eos).to(scores.dtype)
         if self.ppo.score_scaling:
             self.score_moments.update(self.gather(scores))  # every rank's scores: the same moments everywhere
@@ -214,7 +216,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             response_ids=ids.cpu(),
             mask=mask.cpu(),
             max_new_tokens=max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
+            end_token_ids=self.end_token_ids,
             scores=raw_scores.cpu(),
             kl=kl_sum.cpu() if kl_sum is not None else None,
         )

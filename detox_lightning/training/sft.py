@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from detox_lightning.errors import ConfigError
 from detox_lightning.models.architectures import architecture_of
+from detox_lightning.models.end_tokens import end_token_ids, turn_end_id
 from detox_lightning.models.policy import PolicyConfig, count_parameters, load_lora_model, save_adapter
 from detox_lightning.training.trainable_state import TrainableStateMixin
 
@@ -76,12 +77,15 @@ class SFTSummarizationModule(TrainableStateMixin, pl.LightningModule):
         return F.cross_entropy(logits[target_mask], target[target_mask])  # mean over the (N, V) target tokens
 
     def targets(self, summaries: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summaries as (B, T) token ids ending in EOS, right-padded, and their (B, T) bool mask.
+        """Summaries as (B, T) token ids ending in the end token, right-padded, and their (B, T) bool mask.
+
+        The end token is what closes an assistant turn (a chat model's end of turn, else EOS), so the
+        model learns to stop where generation stops.
 
         Tokenized without the tokenizer's special tokens (a causal tokenizer would put BOS in front
         of the summary) and cut to `max_target_tokens` with the EOS, as T5's tokenizer truncates.
         """
-        eos = self.tokenizer.eos_token_id
+        eos = turn_end_id(self.tokenizer, end_token_ids(self.model.generation_config, self.tokenizer))
         ids = self.tokenizer(
             summaries, add_special_tokens=False, truncation=True, max_length=self.max_target_tokens - 1
         ).input_ids
