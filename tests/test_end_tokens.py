@@ -81,7 +81,7 @@ def test_rollouts_stop_on_the_end_of_turn_and_every_figure_counts_it(tiny_chat, 
     data.setup("fit")
     batch = data.collate([data.train_dataset[i] for i in range(8)])
     torch.manual_seed(0)
-    exp, stats = module.make_experience(batch)
+    _exp, _stats = module.make_experience(batch)
     record = module.last_rollout
     ends_on_turn = [bool((row[: int(m.sum())] == im_end).any()) for row, m in zip(record.response_ids, record.mask, strict=True)]
     assert any(ends_on_turn), record.response_ids  # the model wrote its end of turn and generation stopped there

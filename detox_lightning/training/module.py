@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from detox_lightning.models.architectures import architecture_of
+from detox_lightning.models.end_tokens import end_token_ids
 from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
 from detox_lightning.models.policy import (
     PolicyConfig,
@@ -30,7 +31,6 @@ from detox_lightning.models.policy import (
 from detox_lightning.models.rollout import RolloutRecord, Samples, logprobs_and_values, sample, score_rollout
 from detox_lightning.rewards.classifiers import RewardModel
 from detox_lightning.rl.controllers import kl_controller
-from detox_lightning.models.end_tokens import end_token_ids
 from detox_lightning.rl.estimators import Rollout, build_estimator
 from detox_lightning.rl.experience import Experience
 from detox_lightning.rl.kl import per_token_kl
