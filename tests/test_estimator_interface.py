@@ -65,6 +65,8 @@ def test_value_head_and_reference_needs(name):
     assert estimator.needs_reference
     fixed_zero = build_estimator(RLSettings(advantage_estimator=name, init_kl_coef=0.0, adap_kl_ctrl=False))
     assert not fixed_zero.needs_reference  # no KL enters training: no estimator needs the reference
+    adaptive_zero = build_estimator(RLSettings(advantage_estimator=name, init_kl_coef=0.0))
+    assert not adaptive_zero.needs_reference  # the adaptive controller multiplies 0: it stays 0
 
 
 def rollout_inputs(k=2, prompts=3, t=6, seed=0, dtype=torch.float64):

@@ -77,7 +77,7 @@ class RLSettings:
             over the vocabulary, from the policy and reference logits of each scoring chunk).
         init_kl_coef: initial KL coefficient (trl's `beta` for rloo and grpo: rloo subtracts
             beta * the summed KL from each sequence's score, grpo adds beta * the k3 KL per token
-            to the loss). 0 with `adap_kl_ctrl: false` skips the reference pass (any estimator).
+            to the loss). 0 skips the reference pass (any estimator; no controller moves it from 0).
         adap_kl_ctrl: adapt the coefficient towards `target` (else it stays fixed).
         target: target of the adaptive controller, in KL summed over a response.
         horizon: horizon of the adaptive controller.

@@ -89,8 +89,9 @@ class Estimator(ABC):
 
     @property
     def needs_reference(self) -> bool:
-        """Whether any KL to the reference enters training: not with a coefficient fixed at 0."""
-        return not (self.settings.init_kl_coef == 0 and not self.settings.adap_kl_ctrl)
+        """Whether any KL to the reference enters training: not with a coefficient of 0, which no
+        controller moves (the adaptive one multiplies it), so the reference pass is skipped."""
+        return self.settings.init_kl_coef != 0
 
     def describe(self) -> str:
         """One line: the effective KL coefficient and loss aggregation, beside the reference defaults."""
