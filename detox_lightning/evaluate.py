@@ -2,7 +2,7 @@
 score models on a config's held-out prompts, without training, in the literature's layout.
 
 One row per model (DExperts' Table 2): expected maximum toxicity (with its std over prompts),
-toxicity probability, fluency (perplexity under the config's base model), distinct-1/2/3, and
+toxicity probability, fluency (perplexity under `--reference`, by default the bare base model), distinct-1/2/3, and
 the same toxicity figures for each judge of the config's `ToxicityEvaluation`. Every
 model samples the same prompts under the same seeds (the config's `ToxicityEvaluation` settings),
 and every figure can be recomputed from `samples.jsonl` (one line per sample: model, prompt id,
@@ -109,9 +109,12 @@ def evaluation_callback(trainer) -> ToxicityEvaluation:
     return found[0]
 
 
-def score(config_args: list[str], adapter: str | None, root: Path, overrides: dict[str, int]) -> tuple[Outputs, Outputs]:
-    """(base, model) outputs: `adapter` (None: the base itself) against the bare base model."""
-    args = [*config_args, "--model.init_args.policy.reference_adapter_name_or_path", BASE, "--trainer.logger", "false",
+def score(
+    config_args: list[str], adapter: str | None, reference: str, root: Path, overrides: dict[str, int]
+) -> tuple[Outputs, Outputs]:
+    """(reference, model) outputs: `adapter` (None: the reference itself) against the frozen reference,
+    which is also the evaluator of fluency (`base`: the bare base model)."""
+    args = [*config_args, "--model.init_args.policy.reference_adapter_name_or_path", reference, "--trainer.logger", "false",
             "--trainer.default_root_dir", str(root)]
     if adapter is not None:
         args += ["--model.init_args.policy.adapter_name_or_path", adapter]
@@ -128,15 +131,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m detox_lightning.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="a train.py config with a ToxicityEvaluation callback")
     parser.add_argument("--adapter", action="append", default=[], help="an exported adapter directory (repeatable)")
-    parser.add_argument("--base", action="store_true", help="also a row for the base model (always, without --adapter)")
+    parser.add_argument("--base", action="store_true", help="also a row for the reference (always, without --adapter)")
+    parser.add_argument("--reference", default=BASE, help="the reference row and evaluator of fluency: `base` (the bare "
+                        "base model, default) or an adapter directory, e.g. the SFT adapter RL started from")
     parser.add_argument("--out", default="evaluation", help="where table.md, table.json and samples.jsonl go")
     parser.add_argument("--num-prompts", type=int, help="override the config's ToxicityEvaluation num_prompts")
     parser.add_argument("--samples-per-prompt", type=int, help="override its samples_per_prompt (the literature: 25)")
     parser.add_argument("--max-new-tokens", type=int, help="override its max_new_tokens (RealToxicityPrompts: 20)")
     args, rest = parser.parse_known_args(argv)
-    for adapter in args.adapter:
+    flagged = [("--adapter", a) for a in args.adapter] + ([] if args.reference == BASE else [("--reference", args.reference)])
+    for flag, adapter in flagged:
         if not Path(adapter).is_dir():
-            raise ConfigError(f"--adapter {adapter!r} is not a directory; expected an exported adapter (adapter/ or adapter_best/ of a run)")
+            raise ConfigError(f"{flag} {adapter!r} is not a directory; expected an exported adapter (adapter/ or adapter_best/ of a run)")
     for flag in ("num_prompts", "samples_per_prompt", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < (2 if flag == "num_prompts" else 1):
@@ -155,9 +161,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         overrides = {k: getattr(args, k) for k in ("num_prompts", "samples_per_prompt", "max_new_tokens") if getattr(args, k)}
         scored: list[Scored] = []
         for adapter in args.adapter or [None]:
-            base, model = score(config_args, adapter, out / "runs", overrides)
+            base, model = score(config_args, adapter, args.reference, out / "runs", overrides)
             if not scored and (args.base or not args.adapter):
-                scored.append(Scored(BASE, base))
+                scored.append(Scored(args.reference, base))
             if adapter is not None:
                 scored.append(Scored(str(adapter), model))
         rows = [table_row(s) for s in scored]

@@ -77,3 +77,14 @@ def test_a_missing_adapter_is_one_error_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --adapter '{tmp_path / 'nowhere'}' is not a directory")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_must_be_base_or_an_adapter_directory(tmp_path):
+    from detox_lightning.errors import ConfigError
+    from detox_lightning.evaluate import parse
+
+    args, rest = parse(["--config", "c.yaml", "--data.path", "x"])
+    assert args.reference == "base" and rest == ["--data.path", "x"]
+    with pytest.raises(ConfigError, match="--reference '.*nowhere' is not a directory"):
+        parse(["--config", "c.yaml", "--reference", str(tmp_path / "nowhere")])
+    assert parse(["--config", "c.yaml", "--reference", str(tmp_path)])[0].reference == str(tmp_path)
