@@ -532,7 +532,7 @@ class ToxicityEvaluation(Callback):
             "samples_per_prompt": self.samples_per_prompt,
             "seed": self.seed,
             "scored_text": self.text,
-            "data": data_description(trainer.datamodule),
+            "data": data_description(getattr(trainer, "datamodule", None)),
             "max_new_tokens": self.max_new_tokens,
             "before": self.before_metrics,
             "after": self.last_metrics,
