@@ -72,6 +72,9 @@ class RankProbe(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:  # after ToxicityEvaluation's (listed before us)
         evaluation = next(c for c in trainer.callbacks if type(c).__name__ == "ToxicityEvaluation")
         self.record["eval"] = dict(evaluation.last_metrics)
+        self.record["before_queries"] = list(evaluation.before.queries)
+        self.record["before_toxicity"] = evaluation.before.toxicity
+        self.record["before_log_ppl"] = evaluation.before.log_ppl
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.save(self.record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
@@ -112,8 +115,10 @@ def write_config(tmp_path) -> str:
         if callback["class_path"].endswith("RLCheckpoint"):
             callback["init_args"]["save_top_k"] = -1  # keep iteration 1's, to resume from
         if callback["class_path"].endswith("ToxicityEvaluation"):
+            # 7 prompts in batches of 2 over 2 ranks (an uneven split), k = 2 samples each
             callback["init_args"].update(
-                num_prompts=8, max_new_tokens=6, batch_size=2, table_rows=3, bootstrap_resamples=50, show_examples=0
+                num_prompts=7, samples_per_prompt=2, max_new_tokens=6, batch_size=2, table_rows=3,
+                bootstrap_resamples=50, show_examples=0,
             )
     model = config["model"]["init_args"]
     model["generation"] = {"output_min_length": 4, "output_max_length": 6}
@@ -176,6 +181,16 @@ def test_two_rank_ddp_fit_is_one_global_ppo(tmp_path, tiny_t5, tiny_classifier, 
     for name, value in a["eval"].items():
         assert value == b["eval"][name] or (math.isnan(value) and math.isnan(b["eval"][name])), name
 
+    # every held-out prompt scored exactly once, none twice by padding, the same rows on both ranks,
+    # and the per-sample figures (the RealToxicityPrompts ones come from these) equal one device's
+    assert a["before_queries"] == b["before_queries"] and len(set(a["before_queries"])) == len(a["before_queries"]) == 7
+    assert a["before_toxicity"].shape == (7, 2)
+    one = one_device_reference_outputs(tiny_t5, tiny_classifier, sample_data)
+    assert a["before_queries"] == one.queries
+    assert abs(a["before_toxicity"] - one.toxicity).max() < 1e-5
+    assert abs(a["before_log_ppl"] - one.log_ppl).max() < 1e-4
+    assert "eval/toxicity_exp_max_delta_ci_high" in a["eval"] and "eval/log_perplexity_delta" in a["eval"]
+
     # rank zero alone wrote the report, the table and the adapter
     assert len(list(root.rglob("evaluation_report.json"))) == 1
     assert len(list(root.rglob("toxicity_table.csv"))) == 1
@@ -196,6 +211,24 @@ def test_two_rank_ddp_fit_is_one_global_ppo(tmp_path, tiny_t5, tiny_classifier, 
         assert resumed["kl_coef"] == straight["kl_coef"]
         for name, weight in straight["weights"].items():
             torch.testing.assert_close(resumed["weights"][name], weight, rtol=0, atol=1e-6)
+
+
+def one_device_reference_outputs(tiny_t5, tiny_classifier, sample_data):
+    """The reference's evaluation outputs on one device, with the DDP run's settings."""
+    from types import SimpleNamespace
+
+    from detox_lightning import DialogSumDataModule, GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
+    from detox_lightning.evaluation import ToxicityEvaluation
+
+    module = RLDetoxModule(
+        reward=HFClassifierReward(tiny_classifier), policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=8, lora_alpha=16),
+        generation=GenerationSettings(output_min_length=4, output_max_length=6), batch_size=4,
+    )
+    evaluation = ToxicityEvaluation(num_prompts=7, samples_per_prompt=2, max_new_tokens=6, batch_size=2)
+    outside = SimpleNamespace(
+        datamodule=DialogSumDataModule(path=sample_data, tokenizer_name_or_path=tiny_t5), global_rank=0, world_size=1
+    )
+    return evaluation.generate_and_score(outside, module, reference=True)
 
 
 def fit_on_two_ranks(config: str, root: Path, probe: Path, *args: str) -> subprocess.CompletedProcess:
