@@ -134,7 +134,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--base", action="store_true", help="also a row for the reference (always, without --adapter)")
     parser.add_argument("--reference", default=BASE, help="the reference row and evaluator of fluency: `base` (the bare "
                         "base model, default) or an adapter directory, e.g. the SFT adapter RL started from")
-    parser.add_argument("--out", default="evaluation", help="where table.md, table.json and samples.jsonl go")
+    parser.add_argument("--out", default="lightning_logs/evaluation", help="where table.md, table.json and samples.jsonl go")
     parser.add_argument("--num-prompts", type=int, help="override the config's ToxicityEvaluation num_prompts")
     parser.add_argument("--samples-per-prompt", type=int, help="override its samples_per_prompt (the literature: 25)")
     parser.add_argument("--max-new-tokens", type=int, help="override its max_new_tokens (RealToxicityPrompts: 20)")
