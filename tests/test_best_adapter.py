@@ -100,7 +100,7 @@ def test_adapter_best_holds_the_weights_of_the_chosen_evaluation(tiny_t5, tiny_c
         weights[step] = lora_b(module.policy.pretrained_model)
         metrics = result(step, toxicity, ci_high, judge_delta=None).metrics
         evaluation.last_metrics = metrics
-        evaluation.keep_candidate(trainer, module, step, f"iteration {step}", before, metrics)
+        evaluation.keep_candidate(trainer, module, step, step, f"iteration {step}", before, metrics)
         exported = lora_b(PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_t5), tmp_path / "adapter_best"))
         best_so_far = min((s for s in weights if s != 4), key=lambda s: {1: 0.30, 2: 0.20, 3: 0.25}[s])
         assert all(torch.equal(exported[n], weights[best_so_far][n]) for n in exported), step

@@ -2,12 +2,14 @@
 that pays for repeating one token (the degenerate repetition of trl #242)."""
 
 import collections
+import json
 import logging
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import fit
+from safetensors.torch import load_file
 
 from detox_lightning import GenerationSettings, PolicyConfig, RewardModel, RLDetoxModule, RLSettings
 from detox_lightning.errors import ConfigError
@@ -274,3 +276,55 @@ def test_a_gameable_reward_is_caught_by_the_judge_band_and_rolled_back(tiny_t5, 
     breaches = [line for line in monitor_lines(caplog) if "is outside its band" in line]
     assert breaches and all(": judge toxicity " in line for line in breaches), monitor_lines(caplog)
     assert monitor.rolled_back, monitor_lines(caplog)
+
+
+ROLLBACK_LR = 2e-2
+
+
+@pytest.fixture(scope="module")
+def seeded_rollback(tiny_t5, sample_data, tmp_path_factory):
+    """(iteration of the first breach, iteration restored) of the repetition run under seed 0 (at
+    a learning rate that leaves a few in-band iterations first)."""
+    pl.seed_everything(0)
+    monitor = RolloutMonitor(action="rollback", rollback_factor=0.5, max_rollbacks=5)
+    fit(repeat_module(tiny_t5, ROLLBACK_LR), sample_data, tmp_path_factory.mktemp("probe"), iterations=8, callbacks=[monitor])
+    assert monitor.rolled_back
+    return monitor.rolled_back[0]
+
+
+@pytest.mark.parametrize("evaluation_first", [True, False], ids=["evaluation-then-monitor", "monitor-then-evaluation"])
+def test_a_rollback_at_the_last_iteration_is_what_the_report_and_adapter_hold_in_either_callback_order(
+    tiny_t5, sample_data, tmp_path, evaluation_first, seeded_rollback
+):
+    # Ending the same seeded run at its first breach makes the rollback its last act, with an
+    # evaluation due at that iteration.
+    last, restored = seeded_rollback
+    assert 1 <= restored <= last - 2, seeded_rollback  # an evaluation of other weights in between, to tell them apart
+    pl.seed_everything(0)
+    module = repeat_module(tiny_t5, ROLLBACK_LR)
+    monitor = RolloutMonitor(action="rollback", rollback_factor=0.5, max_rollbacks=5)
+    evaluation = ToxicityEvaluation(
+        num_prompts=8, max_new_tokens=8, batch_size=8, bootstrap_resamples=10, every_n_iterations=1, plots=False
+    )
+    checkpoints = RLCheckpoint(every_n_iterations=1, save_top_k=-1)
+    callbacks = [evaluation, monitor, checkpoints] if evaluation_first else [monitor, evaluation, checkpoints]
+    fit(module, sample_data, tmp_path, iterations=last, callbacks=callbacks)
+    assert monitor.rolled_back == [(last, restored)], monitor.rolled_back
+
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    report = json.loads((log_dir / "evaluation_report.json").read_text())
+    assert report["iteration"] == last and report["weights_iteration"] == restored
+    # the final figures are those of the weights the run ended with: the in-band state's, whose
+    # own periodic evaluation (same prompts and seeds) gave the same figures
+    earlier = {c.iteration: c.metrics for c in evaluation.candidates}
+    assert sorted(earlier) == list(range(1, last)), earlier  # the rolled-back state is named by its weights
+    assert report["after"] == pytest.approx(earlier[restored], nan_ok=True)
+    assert report["after"] != pytest.approx(earlier[last - 1], nan_ok=True)  # else the check above could not tell
+    # ... and adapter/ holds those weights: the checkpoint of the restored iteration's
+    exported = load_file(log_dir / "adapter" / "adapter_model.safetensors")
+    saved = load_checkpoint_file(next(tmp_path.rglob(f"epoch=0-iteration={restored}.ckpt")))["state_dict"]
+    lora = {name: tensor for name, tensor in saved.items() if "lora_" in name}
+    assert len(lora) == len(exported) > 0
+    for name, tensor in exported.items():
+        match = [key for key in lora if key.endswith("." + name.removesuffix(".weight") + ".policy.weight")]  # the adapter is named "policy"
+        assert len(match) == 1 and torch.equal(lora[match[0]], tensor), name

@@ -161,6 +161,10 @@ class ToxicityEvaluation(Callback):
         self.last_metrics: dict[str, float] = {}
         self.last_outputs: Outputs | None = None
         self.last_step: int | None = None  # iteration of the latest policy evaluation of this run
+        # The iteration whose periodic evaluation is due. It runs when every callback has finished
+        # with that iteration (at the next batch's start, or at fit end), so that a monitor's
+        # rollback at its end is evaluated whatever the order of the callbacks.
+        self.due: int | None = None
 
     @property
     def scoring(self) -> Scoring:
@@ -383,8 +387,13 @@ class ToxicityEvaluation(Callback):
         self.last_metrics, self.last_outputs, self.last_step = metrics, after, step
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        # A rollback (or a skipped iteration) leaves older weights than the iteration count says:
+        # the candidate is named after the iteration whose weights it holds.
+        held = getattr(module, "weights_iteration", step) if trainer.state.fn == TrainerFn.FITTING else step
+        if held != step:
+            label += f" (the weights after iteration {held})"
         rank_zero_info(self.describe(label, metrics, len(after.queries)))
-        self.keep_candidate(trainer, module, step, label, after, metrics)
+        self.keep_candidate(trainer, module, step, held, label, after, metrics)
         return metrics
 
     def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -393,7 +402,7 @@ class ToxicityEvaluation(Callback):
         self.last_outputs, self.last_step = None, None  # a policy evaluation of an earlier run is stale
         resumed, self._resumed = self._resumed, False
         if not resumed:  # a resumed fit chooses adapter_best/ over the whole run, before the resume too
-            self.candidates, self.best_weights = [], None
+            self.candidates, self.best_weights, self.due = [], None, None
         # The reference, not the policy: after a resume the policy has already moved.
         self.before = self.generate_and_score(trainer, module, reference=True)
         self.before_metrics = self.compare(self.before)
@@ -410,11 +419,13 @@ class ToxicityEvaluation(Callback):
         return {
             "candidates": [(c.iteration, {k: float(v) for k, v in c.metrics.items()}) for c in self.candidates],
             "best_weights": self.best_weights,
+            "due": self.due,  # a checkpoint saved before a due evaluation ran: the resumed run runs it
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.candidates = [Candidate(int(i), dict(m)) for i, m in state_dict.get("candidates", [])]
         self.best_weights = state_dict.get("best_weights")
+        self.due = state_dict.get("due")
         self._resumed = True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -425,10 +436,16 @@ class ToxicityEvaluation(Callback):
         # hook); restored on resume, unlike a count kept here.
         iteration = iterations_done(trainer)
         if self.every_n_iterations and iteration % self.every_n_iterations == 0:
-            self.evaluate(trainer, pl_module, iteration, f"iteration {iteration}")
+            self.due = iteration  # evaluated once every callback is done with this iteration
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.due is not None:
+            due, self.due = self.due, None
+            self.evaluate(trainer, pl_module, due, f"iteration {due}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         iteration = iterations_done(trainer)
+        self.due = None  # the final evaluation is the last iteration's periodic one too
         self.finish(trainer, pl_module, iteration, f"after {iteration} iterations")
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -478,8 +495,12 @@ class ToxicityEvaluation(Callback):
 
     # ---- pictures and the best adapter, after each evaluation ----
 
-    def keep_candidate(self, trainer, module, step: int, label: str, after: Outputs, metrics: dict[str, float]) -> None:
-        """Draw the evaluation; during fit, make it a candidate and export it as adapter_best/ if it is the best so far.
+    def keep_candidate(
+        self, trainer, module, step: int, held: int, label: str, after: Outputs, metrics: dict[str, float]
+    ) -> None:
+        """Draw the evaluation (at logging step `step`); during fit, make it a candidate named
+        `held` (the iteration whose weights it holds) and export it as adapter_best/ if it is the
+        best so far.
 
         Exported at once rather than at the end, so a stopped or crashed run keeps it; the choice
         among the candidates so far is the final choice's rule, so the last export is the final one.
@@ -495,13 +516,13 @@ class ToxicityEvaluation(Callback):
             pictures.write_png(out_dir / pictures.PNG_NAME, scores, metrics, label)
         if trainer.state.fn != TrainerFn.FITTING:
             return
-        # one candidate per iteration: a resumed run that ends where it resumed evaluates that iteration again
-        self.candidates = [c for c in self.candidates if c.iteration != step] + [Candidate(step, metrics)]
+        # one candidate per weights: a resumed run that ends where it resumed evaluates them again
+        self.candidates = [c for c in self.candidates if c.iteration != held] + [Candidate(held, metrics)]
         chosen = self.selection().chosen
-        if chosen is not None and chosen.iteration == step:
+        if chosen is not None and chosen.iteration == held:
             # its weights travel in checkpoints, so a resumed run can still export it
             self.best_weights = {name: p.detach().cpu().clone() for name, p in module.trainable_parameters().items()}
-            self.export_best(trainer, module, step)
+            self.export_best(trainer, module, held)
 
     def export_best(self, trainer, module, iteration: int, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write `<log_dir>/adapter_best` from the policy's current weights, or from `weights`."""
@@ -510,6 +531,7 @@ class ToxicityEvaluation(Callback):
             return
         report = self.report(trainer, module, iteration, log_dir)
         report["after"] = next(c.metrics for c in self.candidates if c.iteration == iteration)  # its own figures
+        report["iteration"] = report["weights_iteration"] = iteration
         card = model_card(module, report)
         card += f"\nThe best of this run's evaluations (iteration {iteration}); see `best_adapter` in evaluation_report.json.\n"
         with holding_weights(module, weights):
@@ -528,6 +550,7 @@ class ToxicityEvaluation(Callback):
         config_file = Path((log_dir if log_dir is not None else trainer.log_dir) or "") / "config.yaml"
         return {
             "iteration": step,
+            "weights_iteration": getattr(module, "weights_iteration", step),  # older after a rollback or a skip
             "num_prompts": len(self.before.queries),
             "samples_per_prompt": self.samples_per_prompt,
             "seed": self.seed,

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from detox_lightning.io.checkpoint import iterations_done
 from detox_lightning.models.architectures import architecture_of
 from detox_lightning.models.end_tokens import end_token_ids
 from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
@@ -350,6 +351,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             guard.skip(bad, self.ppo.max_consecutive_skips)
         else:
             guard.consecutive = 0
+            self.weights_iteration = iterations_done(self.trainer) + 1  # Lightning counts this batch after the step
             # 7. adapt the KL coefficient to the KL of the global batch (the same on every rank)
             if "objective/kl" in stats:  # absent only without a reference pass (a coefficient fixed at 0)
                 responses = self.batch_size * self.ppo.samples_per_prompt * self.world_size

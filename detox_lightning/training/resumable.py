@@ -93,9 +93,13 @@ class ResumableRLMixin:
                 self.split_rng_by_rank()
             self._resumed_rng = None
 
+    weights_iteration = 0  # the iteration whose update the trainable weights hold (0: the starting adapter)
+
     def snapshot(self) -> dict:
-        """What one iteration changes: trainable weights, optimizer state, score statistics."""
+        """What one iteration changes: trainable weights (and the iteration they are from),
+        optimizer state, score statistics."""
         return {
+            "weights_iteration": self.weights_iteration,
             "weights": {name: p.detach().clone() for name, p in self.trainable_parameters().items()},
             "optimizer": copy.deepcopy(self.optimizers().optimizer.state_dict()),
             "score_moments": self.score_moments.state_dict(),
@@ -109,6 +113,7 @@ class ResumableRLMixin:
         optimizer.load_state_dict(snapshot["optimizer"])
         optimizer.zero_grad()
         self.score_moments.load_state_dict(snapshot["score_moments"])
+        self.weights_iteration = snapshot["weights_iteration"]
 
     def base_fingerprint(self) -> dict:
         """Identifies the frozen base model: its shape settings and a checksum of its embeddings."""
@@ -143,6 +148,7 @@ class ResumableRLMixin:
             "policy": asdict(self.policy_config),
             "base_model": self.base_fingerprint(),
             "iterations": iterations_done(self.trainer) if self._trainer is not None else 0,
+            "weights_iteration": self.weights_iteration,  # older than `iterations` after a rollback or a skip
             "skipped_iterations": guard.total,
             "consecutive_skips": guard.consecutive,
             "rng": capture_rng_states(),
@@ -157,6 +163,7 @@ class ResumableRLMixin:
             self.check_base_fingerprint(state["base_model"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
+        self.weights_iteration = int(state.get("weights_iteration", state.get("iterations", 0)))
         guard = self.skips
         guard.total, guard.consecutive = state.get("skipped_iterations", 0), state.get("consecutive_skips", 0)
         self._resumed_rng, self._resumed_rng_shared = state.get("rng"), True
