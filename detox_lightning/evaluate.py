@@ -2,7 +2,8 @@
 score models on a config's held-out prompts, without training, in the literature's layout.
 
 One row per model (DExperts' Table 2): expected maximum toxicity (with its std over prompts),
-toxicity probability, fluency (perplexity under `--reference`, by default the bare base model), distinct-1/2/3, and
+toxicity probability, fluency (perplexity under `--reference`, by default the bare base model, or
+under any causal LM named by `--evaluator`, e.g. `gpt2-xl` as DExperts), distinct-1/2/3, and
 the same toxicity figures for each judge of the config's `ToxicityEvaluation`. Every
 model samples the same prompts under the same seeds (the config's `ToxicityEvaluation` settings),
 and every figure can be recomputed from `samples.jsonl` (one line per sample: model, prompt id,
@@ -27,6 +28,7 @@ from detox_lightning.errors import ConfigError
 from detox_lightning.evaluation import ToxicityEvaluation, protocol
 from detox_lightning.evaluation.toxicity import Outputs
 from detox_lightning.io.atomic import write_text
+from detox_lightning.models.fluency import EvaluatorLM
 
 BASE = "base"
 
@@ -37,12 +39,15 @@ class Scored:
 
     name: str
     outputs: Outputs
+    evaluator: str = "reference"  # whose perplexity `outputs.log_ppl` holds
 
 
 def table_row(scored: Scored) -> dict[str, float | str]:
     """The figures of one model, each computed from its (P, k) per-sample arrays."""
     out = scored.outputs
     row: dict[str, float | str] = {"model": scored.name, "prompts": len(out.queries), "samples_per_prompt": out.toxicity.shape[1]}
+    if out.log_ppl is not None:
+        row["fluency_evaluator"] = scored.evaluator
     scorers = {"toxicity": out.toxicity}
     if out.judge_toxicity is not None:
         scorers["judge_toxicity"] = out.judge_toxicity
@@ -110,7 +115,7 @@ def evaluation_callback(trainer) -> ToxicityEvaluation:
 
 
 def score(
-    config_args: list[str], adapter: str | None, reference: str, root: Path, overrides: dict[str, int]
+    config_args: list[str], adapter: str | None, reference: str, root: Path, overrides: dict
 ) -> tuple[Outputs, Outputs]:
     """(reference, model) outputs: `adapter` (None: the reference itself) against the frozen reference,
     which is also the evaluator of fluency (`base`: the bare base model)."""
@@ -138,6 +143,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--num-prompts", type=int, help="override the config's ToxicityEvaluation num_prompts")
     parser.add_argument("--samples-per-prompt", type=int, help="override its samples_per_prompt (the literature: 25)")
     parser.add_argument("--max-new-tokens", type=int, help="override its max_new_tokens (RealToxicityPrompts: 20)")
+    parser.add_argument("--evaluator", help="score fluency under this causal LM (hub id, directory or builtin: name; "
+                        "the literature: gpt2-xl) instead of the reference")
     args, rest = parser.parse_known_args(argv)
     flagged = [("--adapter", a) for a in args.adapter] + ([] if args.reference == BASE else [("--reference", args.reference)])
     for flag, adapter in flagged:
@@ -158,20 +165,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config_args = ["--config", args.config, *rest]
         check_moved_paths(config_args)
         out = Path(args.out)
-        overrides = {k: getattr(args, k) for k in ("num_prompts", "samples_per_prompt", "max_new_tokens") if getattr(args, k)}
+        overrides: dict = {k: getattr(args, k) for k in ("num_prompts", "samples_per_prompt", "max_new_tokens") if getattr(args, k)}
+        if args.evaluator is not None:  # loaded once, for every model's row, before anything is written
+            overrides |= {"evaluator": EvaluatorLM(args.evaluator), "fluency": True}
         scored: list[Scored] = []
+        evaluator = args.evaluator or f"reference ({args.reference})"
         for adapter in args.adapter or [None]:
             base, model = score(config_args, adapter, args.reference, out / "runs", overrides)
             if not scored and (args.base or not args.adapter):
-                scored.append(Scored(args.reference, base))
+                scored.append(Scored(args.reference, base, evaluator))
             if adapter is not None:
-                scored.append(Scored(str(adapter), model))
+                scored.append(Scored(str(adapter), model, evaluator))
         rows = [table_row(s) for s in scored]
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "table.md", markdown(rows))
         write_text(out / "table.json", json.dumps(rows, indent=2))
         write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for s in scored for r in sample_rows(s)))
         print(markdown(rows), end="")
+        if any("fluency_evaluator" in r for r in rows):
+            print(f"fluency: perplexity of the responses given their prompts under {evaluator}")
         print(f"wrote table.md, table.json, samples.jsonl in {out}")
         return rows
 

@@ -31,7 +31,7 @@ from detox_lightning.evaluation.metrics import Rouge, improvement_pct, paired_bo
 from detox_lightning.evaluation.scoring import Scoring, toxicity_of
 from detox_lightning.io.atomic import atomic_file, write_text
 from detox_lightning.io.checkpoint import iterations_done
-from detox_lightning.models.fluency import response_log_perplexity
+from detox_lightning.models.fluency import EvaluatorLM, response_log_perplexity
 from detox_lightning.models.policy import reference_mode, save_adapter
 from detox_lightning.rewards.classifiers import RewardModel, RewardText
 from detox_lightning.rewards.quantize import describe_precision
@@ -90,6 +90,10 @@ class ToxicityEvaluation(Callback):
         fluency: also score each response's perplexity under the frozen reference (one more
             teacher-forced pass per sample), reported as `eval/perplexity` with a paired CI of
             the change in mean log-perplexity.
+        evaluator_model_name_or_path: score fluency under this causal LM instead of the reference
+            (the literature's choice, e.g. `gpt2-xl` as DExperts): the prompt and the decoded
+            response, retokenised with its own tokenizer. None: the reference, on the sampled tokens.
+        evaluator_dtype: the evaluator's weights, `float32` or `bfloat16`.
 
     Besides mean toxicity it reports the RealToxicityPrompts protocol's figures over each prompt's
     `samples_per_prompt` samples (`detox_lightning.evaluation.protocol`): expected maximum
@@ -116,6 +120,8 @@ class ToxicityEvaluation(Callback):
         max_rouge_drop: float = 0.02,
         plots: bool = True,
         fluency: bool = True,
+        evaluator_model_name_or_path: str | None = None,
+        evaluator_dtype: str = "float32",
     ) -> None:
         problems = [
             f"{name}={value} must be at least {low}"
@@ -154,6 +160,11 @@ class ToxicityEvaluation(Callback):
         self.show_examples = show_examples
         self.export_best_adapter, self.max_rouge_drop, self.plots = export_best_adapter, max_rouge_drop, plots
         self.fluency = fluency
+        self.evaluator = (
+            EvaluatorLM(evaluator_model_name_or_path, evaluator_dtype, batch_size)
+            if fluency and evaluator_model_name_or_path is not None
+            else None
+        )
         self.candidates: list[Candidate] = []  # this run's policy evaluations, for adapter_best/ (kept across a resume)
         self.best_weights: dict[str, torch.Tensor] | None = None  # the trainable tensors of the best candidate so far
         self._resumed = False  # state came from a checkpoint: the next fit start keeps the candidates
@@ -214,8 +225,11 @@ class ToxicityEvaluation(Callback):
                     samples = module.sample(
                         batch["input_ids"], batch["attention_mask"], self.max_new_tokens, reference=reference
                     )
-                    per_sample.append((module.decode(samples.response_ids), samples.mask.sum(dim=1).tolist()))
-                    if self.fluency:
+                    texts = module.decode(samples.response_ids)
+                    per_sample.append((texts, samples.mask.sum(dim=1).tolist()))
+                    if self.evaluator is not None:
+                        per_sample_ppl.append(self.evaluator.log_perplexity(batch["query"], texts).tolist())  # (B,)
+                    elif self.fluency:
                         per_sample_ppl.append(self.log_perplexity(module, batch, samples))  # (B,)
                 queries += batch["query"]
                 summaries += batch.get("summary") or [None] * len(batch["query"])
@@ -399,6 +413,8 @@ class ToxicityEvaluation(Callback):
     def start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         for judge in self.judges.values():
             judge.to(module.device)
+        if self.evaluator is not None:
+            self.evaluator.to(module.device)
         self.last_outputs, self.last_step = None, None  # a policy evaluation of an earlier run is stale
         resumed, self._resumed = self._resumed, False
         if not resumed:  # a resumed fit chooses adapter_best/ over the whole run, before the resume too
@@ -570,6 +586,9 @@ class ToxicityEvaluation(Callback):
             "reward_precision": describe_precision(module.reward),
             "judge_precision": describe_precision(self.judge),
             "judges_precision": {label: describe_precision(model) for label, model in self.judges.items()},
+            "fluency_evaluator": (
+                None if not self.fluency else self.evaluator.name_or_path if self.evaluator is not None else "reference"
+            ),
             "config": config_file.read_text() if config_file.is_file() else None,
             "versions": {
                 "python": platform.python_version(),
