@@ -10,7 +10,8 @@ and every figure can be recomputed from `samples.jsonl` (one line per sample: mo
 sample index, prompt, text, every scorer's toxicity and the log-perplexity).
 
 Writes `table.md`, `table.json` and `samples.jsonl` in `--out`. Further arguments are passed to
-the config as on `train.py`'s command line (e.g. `--data.path DIR`).
+the config as on `train.py`'s command line (e.g. `--data.path DIR`, or `--trainer.devices 2
+--trainer.strategy ddp`: each rank samples its share of the prompts, rank 0 writes the table).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
 
 from detox_lightning.cli import build_cli, check_moved_paths, errors_as_one_line, quiet_library_noise
 from detox_lightning.errors import ConfigError
@@ -143,6 +145,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--num-prompts", type=int, help="override the config's ToxicityEvaluation num_prompts")
     parser.add_argument("--samples-per-prompt", type=int, help="override its samples_per_prompt (the literature: 25)")
     parser.add_argument("--max-new-tokens", type=int, help="override its max_new_tokens (RealToxicityPrompts: 20)")
+    parser.add_argument("--batch-size", type=int, help="override its batch_size (prompts per generate call)")
     parser.add_argument("--evaluator", help="score fluency under this causal LM (hub id, directory or builtin: name; "
                         "the literature: gpt2-xl) instead of the reference")
     args, rest = parser.parse_known_args(argv)
@@ -150,7 +153,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     for flag, adapter in flagged:
         if not Path(adapter).is_dir():
             raise ConfigError(f"{flag} {adapter!r} is not a directory; expected an exported adapter (adapter/ or adapter_best/ of a run)")
-    for flag in ("num_prompts", "samples_per_prompt", "max_new_tokens"):
+    for flag in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < (2 if flag == "num_prompts" else 1):
             raise ConfigError(f"--{flag.replace('_', '-')}={value} must be at least {2 if flag == 'num_prompts' else 1}")
@@ -165,7 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         config_args = ["--config", args.config, *rest]
         check_moved_paths(config_args)
         out = Path(args.out)
-        overrides: dict = {k: getattr(args, k) for k in ("num_prompts", "samples_per_prompt", "max_new_tokens") if getattr(args, k)}
+        overrides: dict = {
+            k: getattr(args, k) for k in ("num_prompts", "samples_per_prompt", "max_new_tokens", "batch_size") if getattr(args, k)
+        }
         if args.evaluator is not None:  # loaded once, for every model's row, before anything is written
             overrides |= {"evaluator": EvaluatorLM(args.evaluator), "fluency": True}
         scored: list[Scored] = []
@@ -177,6 +182,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if adapter is not None:
                 scored.append(Scored(str(adapter), model, evaluator))
         rows = [table_row(s) for s in scored]
+        if rank_zero_only.rank != 0:  # under DDP every rank scored its share and holds the gathered figures
+            return rows
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "table.md", markdown(rows))
         write_text(out / "table.json", json.dumps(rows, indent=2))

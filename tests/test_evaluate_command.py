@@ -3,6 +3,7 @@ recomputable from samples.jsonl, the same table under the same seed."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -88,3 +89,30 @@ def test_a_reference_must_be_base_or_an_adapter_directory(tmp_path):
     with pytest.raises(ConfigError, match="--reference '.*nowhere' is not a directory"):
         parse(["--config", "c.yaml", "--reference", str(tmp_path / "nowhere")])
     assert parse(["--config", "c.yaml", "--reference", str(tmp_path)])[0].reference == str(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_one_device_table_once_with_every_prompt_scored_once(tmp_path, perturbed_adapter):
+    # 7 prompts in batches of 4 over 2 ranks: rank 1 holds the short batch, nothing is padded in;
+    # a second adapter builds a second trainer in the same processes.
+    copy = tmp_path / "copy"
+    shutil.copytree(perturbed_adapter, copy)
+
+    def evaluate(name, *extra):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "detox_lightning.evaluate", "--config", str(ROOT / "configs" / "tiny.yaml"),
+               "--base", "--adapter", str(perturbed_adapter), "--adapter", str(copy), "--out", str(out),
+               "--num-prompts", "7", "--samples-per-prompt", "2", "--max-new-tokens", "8", "--trainer.accelerator", "cpu",
+               "--batch-size", "4", *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout, out
+
+    one_out, one = evaluate("one", "--trainer.devices", "1")
+    two_out, two = evaluate("two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert two_out.count("wrote table.md") == 1, two_out  # rank 0 alone writes and prints
+    samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
+    keys = [(s["model"], s["prompt_id"], s["sample"]) for s in samples]
+    assert len(keys) == len(set(keys)) == 3 * 7 * 2  # every prompt scored exactly once per model and sample
+    assert (two / "samples.jsonl").read_text() == (one / "samples.jsonl").read_text()
+    assert json.loads((two / "table.json").read_text()) == json.loads((one / "table.json").read_text())
