@@ -19,7 +19,11 @@ KEYS = {
 }
 
 
-TINY = ["--shape", "tiny", "--reward-shape", "tiny", "--mini-batch-size", "2", "--new-tokens", "4", "--iters", "1"]
+TINY = ["--shape", "tiny", "--reward-shape", "tiny", "--mini-batch-size", "2", "--new-tokens", "4", "--iters", "1",
+        "--peak-size", "128"]
+PHASES = {"generate", "reward", "logprobs", "update"}
+EFFICIENCY_KEYS = {"peak_gflops", "peak_gflops_used", "flops", "tokens", "gflops_per_s", "peak_fraction", "flop_bound_s",
+                   "flop_bound_s_padded", "flop_bound_multiple", "generate_step_ms", "generate_step_overhead_ms"}
 
 
 def test_bench_tiny_prints_json_with_every_key(tmp_path):
@@ -40,14 +44,32 @@ def test_bench_tiny_prints_json_with_every_key(tmp_path):
     # the module and the floor score with the int8 reward, the notebook's loop in float32 as the notebook
     assert (result["reward_precision"], result["reward_precision_notebook"]) == ("int8-dynamic", "float32")
     assert (result["estimator"], result["samples_per_prompt"], result["responses_per_iter"]) == ("gae", 1, 4)
+    # the FLOP table: every phase counted with and without padding, against a peak measured in the run
+    assert EFFICIENCY_KEYS <= result.keys()
+    assert result["peak_gflops"]["float32"] > 0 and result["peak_gflops_used"] == result["peak_gflops"]["float32"]
+    for name in ("flops", "tokens", "gflops_per_s", "peak_fraction"):
+        assert set(result[name]) == PHASES, name
+    for phase in PHASES:
+        assert 0 < result["flops"][phase]["useful"] <= result["flops"][phase]["padded"], phase
+        assert 0 < result["tokens"][phase]["useful"] <= result["tokens"][phase]["padded"], phase
+        assert result["peak_fraction"][phase] == pytest.approx(result["gflops_per_s"][phase] / result["peak_gflops_used"])
+    useful = sum(f["useful"] for f in result["flops"].values())
+    assert result["flop_bound_s"] == pytest.approx(useful / result["peak_gflops_used"] / 1e9)
+    assert result["flop_bound_multiple"] == pytest.approx(result["s_per_iter"] / result["flop_bound_s"])
+    assert result["generate_steps"] == 4 and result["generation"] == "fast"  # the module's default sampling
+    assert "| generate |" in res.stdout and "FLOP-bound time" in res.stdout and "per-step overhead" in res.stdout
+    assert result["reference_pass"] and "KL coefficient 0.2, adaptive: reference pass run" in res.stdout
 
 
-@pytest.mark.parametrize(("estimator", "generation"), [("rloo", "plain"), ("grpo", "fast")])
-def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path, estimator, generation):
+@pytest.mark.parametrize(("estimator", "generation", "kl"), [
+    ("rloo", "plain", []),
+    ("grpo", "fast", ["--init-kl-coef", "0", "--fixed-kl"]),  # GRPO with beta 0: no reference pass
+])
+def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path, estimator, generation, kl):
     cmd = [
         sys.executable, "-m", "detox_lightning.bench", *TINY, "--estimator", estimator, "--samples-per-prompt", "2",
         "--batch-size", "2", "--skip-notebook", "--skip-eval", "--model-dir", str(tmp_path / "models"),
-        "--generation", generation,
+        "--generation", generation, *kl,
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -57,6 +79,12 @@ def test_bench_tiny_times_each_critic_free_estimator_at_equal_responses(tmp_path
     assert result["s_per_iter"] > 0 and result["peak_rss_mb"] > 0 and result["peak_rss_mb_floor"] > 0
     assert result["reward_precision"] == "float32" and result["generation"] == generation
     assert f"{estimator}, 2 prompts x 2" in res.stdout
+    if kl:  # float32 old log-probs come from generate, so without the reference no pass runs at all
+        assert (result["init_kl_coef"], result["adap_kl_ctrl"], result["reference_pass"]) == (0.0, False, False)
+        assert result["flops"]["logprobs"] == {"useful": 0.0, "padded": 0.0}
+        assert "KL coefficient 0: no reference pass" in res.stdout
+    else:
+        assert result["reference_pass"] and result["flops"]["logprobs"]["useful"] > 0
 
 
 def test_bench_tiny_causal_policy_runs_every_way_on_a_llama_shape(tmp_path):
@@ -78,14 +106,17 @@ def test_bench_tiny_causal_policy_runs_every_way_on_a_llama_shape(tmp_path):
     assert res.returncode != 0 and "error: --model-dir" in res.stderr
 
 
-def test_bench_reports_the_speedup_without_the_evaluation(tmp_path):
+def test_bench_reports_the_speedup_without_the_evaluation_or_the_floor(tmp_path):
+    # the notebook's response lengths: one draw a prompt from [3, 7), the same in every way
     cmd = [sys.executable, "-m", "detox_lightning.bench", *TINY, "--batch-size", "2", "--skip-eval", "--skip-memory",
-           "--model-dir", str(tmp_path / "models")]
+           "--skip-floor", "--new-tokens-range", "3", "7", "--model-dir", str(tmp_path / "models")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert result["speedup"] == pytest.approx(result["s_per_iter_notebook"] / result["s_per_iter"])
-    assert result["eval_speedup"] is None
+    assert result["eval_speedup"] is None and result["ratio_to_floor"] is None and set(result["split"]) == {"ours", "notebook"}
+    assert result["new_tokens_range"] == [3, 7] and "3-6 (one draw a prompt) new tokens" in res.stdout
+    assert 3 <= result["generate_steps"] <= 6
 
 
 def test_bench_names_every_bad_flag():
@@ -96,6 +127,10 @@ def test_bench_names_every_bad_flag():
     assert "--batch-size=6 is not divisible by --mini-batch-size=4" in res.stderr
     assert "--iters=0 must be at least 1" in res.stderr
     assert "--mini-batch-size=4 is not divisible by --grad-accum=3" in res.stderr
+    cmd = [sys.executable, "-m", "detox_lightning.bench", "--new-tokens-range", "5", "5", "--init-kl-coef", "-1"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2
+    assert "--new-tokens-range=5 5 must satisfy 1 <= LOW < HIGH" in res.stderr and "--init-kl-coef=-1.0 must be at least 0" in res.stderr
 
 
 def test_bench_names_bad_estimator_flags():

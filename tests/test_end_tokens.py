@@ -80,7 +80,7 @@ def test_rollouts_stop_on_the_end_of_turn_and_every_figure_counts_it(tiny_chat, 
     data = DialogSumDataModule(path=sample_data, batch_size=8, tokenizer_name_or_path=path)
     data.setup("fit")
     batch = data.collate([data.train_dataset[i] for i in range(8)])
-    torch.manual_seed(0)
+    torch.manual_seed(2)  # a seed whose rollout (default sampling: inverse CDF) has a row ending on the end of turn
     _exp, _stats = module.make_experience(batch)
     record = module.last_rollout
     ends_on_turn = [bool((row[: int(m.sum())] == im_end).any()) for row, m in zip(record.response_ids, record.mask, strict=True)]

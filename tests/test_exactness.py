@@ -39,7 +39,7 @@ def first_iteration_scalars(tmp_path, adapter, dtype, extra=()):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_first_iteration_kl_is_zero_and_ratio_one_at_the_shipped_precision(tmp_path, perturbed_adapter, dtype):
-    scalars = first_iteration_scalars(tmp_path, perturbed_adapter, dtype)
+    scalars = first_iteration_scalars(tmp_path, perturbed_adapter, dtype)  # the default sampling: fast_sampling on
     assert scalars["tokens/responses_len_mean"] > 100  # long responses: rounding had room to add up
     assert abs(scalars["objective/kl"]) < 1e-4, scalars["objective/kl"]
     assert abs(scalars["ppo/policy/ratio_first"] - 1) < 1e-3, scalars["ppo/policy/ratio_first"]
@@ -48,11 +48,12 @@ def test_first_iteration_kl_is_zero_and_ratio_one_at_the_shipped_precision(tmp_p
 
 
 @pytest.mark.slow
-def test_fast_sampling_keeps_the_first_iteration_exact(tmp_path, perturbed_adapter):
-    """`generation.fast_sampling` (LoRA merged for generate, inverse-CDF sampling): log-probs still
-    come from generate in float32, from the merged weights, and must match the unmerged forward."""
+def test_plain_sampling_keeps_the_first_iteration_exact(tmp_path, perturbed_adapter):
+    """`generation.fast_sampling: false` (the unmerged LoRA, `torch.multinomial`): the opt-out path.
+    The default (fast: the LoRA merged for generate, inverse-CDF sampling, log-probs from generate
+    in float32 with the merged weights) is what the test above runs."""
     scalars = first_iteration_scalars(
-        tmp_path, perturbed_adapter, "float32", ("--model.init_args.generation.fast_sampling", "true")
+        tmp_path, perturbed_adapter, "float32", ("--model.init_args.generation.fast_sampling", "false")
     )
     assert scalars["tokens/responses_len_mean"] > 100
     assert abs(scalars["objective/kl"]) < 1e-4, scalars["objective/kl"]

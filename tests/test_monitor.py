@@ -191,7 +191,7 @@ def test_stop_ends_a_repetition_run_on_distinct_2_and_the_last_checkpoint_loads(
 def test_rollback_restores_the_last_in_band_state_lowers_the_learning_rate_and_goes_on(
     tiny_t5, sample_data, tmp_path, caplog
 ):
-    pl.seed_everything(0)
+    pl.seed_everything(2)  # with the default (inverse-CDF) sampling this run first breaches after an in-band iteration
     module = repeat_module(tiny_t5)
     monitor = RolloutMonitor(action="rollback", rollback_factor=0.5, max_rollbacks=5)
     checkpoints = RLCheckpoint(every_n_iterations=1, save_top_k=-1)

@@ -74,6 +74,26 @@ def test_texts_are_scored_shortest_first_and_returned_in_input_order(tiny_classi
     assert reward.logits([]).shape == (0, 2)
 
 
+def test_length_sorted_batches_pad_less_than_input_order_for_the_same_scores(tiny_classifier):
+    reward = HFClassifierReward(tiny_classifier, batch_size=2)
+    texts = ["short", TEXTS[2], "tiny", TEXTS[1], "x", TEXTS[2][:200]]  # long and short alternate, as rollouts do
+    fed = []
+    hook = reward.classifier.register_forward_pre_hook(
+        lambda _, args, kw: fed.append(kw["attention_mask"]), with_kwargs=True
+    )
+    try:
+        scores = reward.score(texts)
+    finally:
+        hook.remove()
+    alone = torch.cat([reward.score([t]) for t in texts])  # one text a forward: no padding at all
+    torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
+    lengths = [len(reward.tokenizer(t)["input_ids"]) for t in texts]
+    useful, padded = sum(int(m.sum()) for m in fed), sum(m.numel() for m in fed)
+    input_order = sum(len(chunk) * max(chunk) for chunk in (lengths[i : i + 2] for i in range(0, len(texts), 2)))
+    assert useful == sum(lengths)
+    assert padded < input_order, (useful, padded, input_order)  # input order: as the notebook's pipeline batches
+
+
 def test_toxicity_is_softmax_probability_of_hate(tiny_classifier, reversed_classifier):
     logits, label2id = classifier_logits(tiny_classifier, TEXTS)
     expected = logits.softmax(-1)[:, label2id["hate"]]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from detox_lightning.bench.efficiency import efficiency, matmul_peak, mean_work, print_efficiency
 from detox_lightning.bench.memory import rss_mb
 from detox_lightning.bench.models import (
     POLICIES,
@@ -21,6 +22,7 @@ from detox_lightning.bench.models import (
     SHAPES,
     build_models,
     collate,
+    draw_lengths_per_prompt,
     make_module,
     make_prompts,
     make_reward,
@@ -37,6 +39,7 @@ from detox_lightning.bench.ways import (
 from detox_lightning.models.dtypes import DTYPES
 from detox_lightning.rewards.quantize import QUANTIZE_CHOICES
 from detox_lightning.rl.estimators import ESTIMATORS
+from detox_lightning.training.settings import RLSettings
 
 DESCRIPTION = "Speed and memory of one PPO iteration: this project's module vs the notebook's loop vs a floor."
 
@@ -72,8 +75,9 @@ def memory_worker(args) -> None:
 def measure_memory(way: str, args) -> dict:
     cmd = [sys.executable, "-m", "detox_lightning.bench", "--worker", way, "--model-dir", args.model_dir]
     for key, value in vars(args).items():
-        if key in FORWARDED and value is not False:  # flags: forwarded when set
-            cmd.append(f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}"))
+        if key in FORWARDED and value is not False and value is not None:  # flags: forwarded when set
+            flag = f"--{key.replace('_', '-')}"
+            cmd += [flag, *map(str, value)] if isinstance(value, list) else [flag + ("" if value is True else f"={value}")]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"memory worker {way!r} failed:\n{res.stderr[-3000:]}")
@@ -82,7 +86,8 @@ def measure_memory(way: str, args) -> dict:
 
 FORWARDED = ("policy", "shape", "reward_shape", "dtype", "device", "threads", "batch_size", "mini_batch_size", "grad_accum",
              "gradient_checkpointing", "new_tokens", "reward_batch_size", "reward_quantize", "estimator",
-             "samples_per_prompt", "generation", "eval_prompts", "eval_batch_size", "seed", "workdir")
+             "samples_per_prompt", "generation", "eval_prompts", "eval_batch_size", "seed", "workdir", "init_kl_coef",
+             "fixed_kl", "new_tokens_range")
 
 
 def setup(args):
@@ -101,9 +106,17 @@ def setup(args):
                  f"give each shape its own directory")
     quantize = "none" if args.worker == "notebook" else None  # the notebook scores in float32
     module = make_module(args, str(root / "policy"), str(root / "reward"), quantize).to(args.device)
+    if args.new_tokens_range:
+        draw_lengths_per_prompt(module.policy, *args.new_tokens_range, seed=args.seed)
     prompts = make_prompts(module.tokenizer, args.batch_size * (args.iters + 1), seed=args.seed)
     batches = [collate(module.tokenizer, prompts[i : i + args.batch_size]) for i in range(0, len(prompts), args.batch_size)]
     return module, batches, prompts
+
+
+def measure_peak(args) -> dict[str, float]:
+    """Matmul GFLOP/s with this run's threads: float32, and bfloat16 where the policy runs in it."""
+    dtypes = {"float32": torch.float32} | ({"bfloat16": torch.bfloat16} if args.dtype == "bfloat16" else {})
+    return {name: matmul_peak(dtype, args.peak_size, device=args.device) for name, dtype in dtypes.items()}
 
 
 def versions() -> dict[str, str]:
@@ -144,18 +157,24 @@ def run(args) -> dict:
     chars_per_token = sum(p["chars"] for p in prompts) / sum(len(p["input_ids"]) for p in prompts)
     print(f"setup {time.perf_counter() - t_setup:.1f}s: {args.shape} {args.policy} policy, {args.reward_shape} reward, "
           f"{prompt_tokens:.0f} prompt tokens on average ({chars_per_token:.2f} characters a token)", flush=True)
+    # the arithmetic limit of this machine with this run's threads, before anything else runs
+    peak_start = measure_peak(args)
+    print(f"matmul peak at {torch.get_num_threads()} threads: "
+          + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak_start.items()), flush=True)
+    work: list[dict] = []
     # The notebook's loop scores in float32 as the notebook does; this module and the floor as set.
     nb_reward = module.reward
     if args.reward_quantize != "none" and not args.skip_notebook:
         nb_reward = make_reward(args, str(Path(args.model_dir) / "reward"), "none").to(args.device)
     splits = {}
     for way in WAYS:
-        if way == "notebook" and args.skip_notebook:
+        if (way == "notebook" and args.skip_notebook) or (way == "floor" and args.skip_floor):
             continue
-        splits[way] = mean_split(run_way(way, module, batches, args, reward=nb_reward))
+        splits[way] = mean_split(run_way(way, module, batches, args, reward=nb_reward, work=work))
         if way == "ours":  # what the module itself ran, not what was asked
             ran = {"estimator": module.ppo.advantage_estimator, "samples_per_prompt": module.ppo.samples_per_prompt,
-                   "responses_per_iter": len(module.last_rollout.responses)}
+                   "responses_per_iter": len(module.last_rollout.responses), "init_kl_coef": module.ppo.init_kl_coef,
+                   "adap_kl_ctrl": module.ppo.adap_kl_ctrl, "reference_pass": module.estimator.needs_reference}
         print(f"{way}: {splits[way]['total']:.2f} s/iter", flush=True)
     if args.profile:
         profile_ours(module, batches[-1], args)
@@ -165,17 +184,19 @@ def run(args) -> dict:
     eval_nb_s = None if args.skip_notebook or args.skip_eval else eval_notebook(module, nb_reward, eval_prompts, args)
     precision = {"ours": module.reward.precision, "notebook": nb_reward.precision}
     del module, nb_reward
+    peak_end = measure_peak(args)  # again after the timed work: the higher of the two, should load have come and gone
+    peak = {k: max(v, peak_end[k]) for k, v in peak_start.items()}
     memory = {} if args.skip_memory else {w: measure_memory(w, args) for w in WAYS if w in splits}
 
     result = {
         "s_per_iter": splits["ours"]["total"],
         "s_per_iter_notebook": splits.get("notebook", {}).get("total"),
-        "s_floor": splits["floor"]["total"],
+        "s_floor": splits["floor"]["total"] if "floor" in splits else None,
         "eval_prompts_per_s": len(eval_prompts) / eval_s if eval_s else None,
         "eval_prompts_per_s_notebook": len(eval_prompts) / eval_nb_s if eval_nb_s else None,
     }
     result["speedup"] = result["s_per_iter_notebook"] / result["s_per_iter"] if "notebook" in splits else None
-    result["ratio_to_floor"] = result["s_per_iter"] / result["s_floor"]
+    result["ratio_to_floor"] = result["s_per_iter"] / result["s_floor"] if "floor" in splits else None
     result["eval_speedup"] = eval_nb_s / eval_s if eval_nb_s else None
     for way, mem in memory.items():
         suffix = "" if way == "ours" else f"_{way}"
@@ -185,8 +206,12 @@ def run(args) -> dict:
             result[f"peak_cuda_mb{suffix}"] = mem["peak_cuda_mb"]
     if "peak_rss_mb" in result and "peak_rss_mb_notebook" in result:
         result["rss_ratio"] = result["peak_rss_mb"] / result["peak_rss_mb_notebook"]
+    if "peak_rss_mb" in result and "peak_rss_mb_floor" in result:
+        result["rss_ratio_to_floor"] = result["peak_rss_mb"] / result["peak_rss_mb_floor"]
     if phases := {way: mem["rss_phases_mb"] for way, mem in memory.items() if "rss_phases_mb" in mem}:
         result["rss_phases_mb"] = phases
+    result |= {"peak_gflops": peak, "peak_gflops_start": peak_start, "peak_gflops_end": peak_end, "peak_size": args.peak_size}
+    result |= efficiency(mean_work(work), splits["ours"], peak["bfloat16" if args.dtype == "bfloat16" else "float32"])
     result |= {
         "split": {w: {k: round(v, 3) for k, v in s.items()} for w, s in splits.items()},
         "policy": args.policy, "shape": args.shape, "reward_shape": args.reward_shape, "dtype": args.dtype, "device": args.device,
@@ -194,11 +219,12 @@ def run(args) -> dict:
         "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
         "reward_batch_size": args.reward_batch_size, "reward_precision": precision["ours"],
         "reward_precision_notebook": precision["notebook"], **ran, "generation": args.generation,
-        "new_tokens": args.new_tokens, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
+        "new_tokens": args.new_tokens, "new_tokens_range": args.new_tokens_range, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
         "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
         "cpu": cpu_name(), "versions": versions(),
     }
     print_table(result, splits)
+    print_efficiency(result)
     print(json.dumps(result))
     return result
 
@@ -207,10 +233,16 @@ def print_table(result: dict, splits: dict) -> None:
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
+    low_high = result["new_tokens_range"]
+    new_tokens = f"{low_high[0]}-{low_high[1] - 1} (one draw a prompt)" if low_high else result["new_tokens"]
     print(f"\n{result['shape']} {result['policy']} policy / {result['reward_shape']} reward ({result['reward_precision']}; the notebook's "
           f"{result['reward_precision_notebook']}), {result['dtype']} on {result['device']} ({result['threads']} threads, "
           f"{result['cpu']}); {result['estimator']}, {result['batch_size']} prompts x {result['samples_per_prompt']}, "
-          f"mini-batch {result['mini_batch_size']}, {result['new_tokens']} new tokens, mean of {result['iters']} iterations")
+          f"mini-batch {result['mini_batch_size']}, {new_tokens} new tokens, {result['generation']} sampling, "
+          f"mean of {result['iters']} iterations")
+    kl = "0: no reference pass" if not result["reference_pass"] else (
+        f"{result['init_kl_coef']:g}, " + ("adaptive" if result["adap_kl_ctrl"] else "fixed") + ": reference pass run")
+    print(f"this module's KL coefficient {kl}")
     print("| way | generate s | reward s | old+ref logprobs, values s | update s | total s/iter | CPU s/iter | peak RSS MB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for way, s in splits.items():
@@ -232,7 +264,7 @@ def print_table(result: dict, splits: dict) -> None:
         for way, p in phases.items():
             print(f"| {way} | " + " | ".join(f(p.get(n), "{:.0f}") for n in names) + " |")
     print(f"speedup vs notebook {f(result['speedup'])}x; ratio to floor {f(result['ratio_to_floor'])}; "
-          f"RSS ratio {f(result.get('rss_ratio'))}; evaluation {f(result['eval_prompts_per_s'])} prompts/s vs "
+          f"RSS ratio {f(result.get('rss_ratio'))} ({f(result.get('rss_ratio_to_floor'))} of the floor's); evaluation {f(result['eval_prompts_per_s'])} prompts/s vs "
           f"{f(result['eval_prompts_per_s_notebook'])} one at a time ({f(result['eval_speedup'])}x)\n")
 
 
@@ -263,13 +295,20 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="this module only: recompute activations in the update's backward (less memory)")
     p.add_argument("--new-tokens", type=int, default=64, help="exact length of every response")
+    p.add_argument("--new-tokens-range", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="instead: each prompt's response length drawn from [LOW, HIGH), the same in every way "
+                        "(the notebook: 100 400); a batch runs to its longest row"),
     p.add_argument("--reward-batch-size", type=int, default=8,
                    help="texts per classifier forward, this module and the floor (the notebook's pipeline: 16)")
     p.add_argument("--reward-quantize", choices=QUANTIZE_CHOICES, default="none",
                    help="HFClassifierReward(quantize=...) of this module and the floor; the notebook's stays float32")
-    p.add_argument("--generation", choices=("plain", "fast"), default="plain",
-                   help="fast: this module and the floor sample with generation.fast_sampling (the LoRA merged, "
-                        "inverse CDF), the notebook's loop as the notebook")
+    p.add_argument("--generation", choices=("plain", "fast"), default="fast",
+                   help="fast (the module's default, generation.fast_sampling): this module and the floor sample with "
+                        "the LoRA merged and by inverse CDF; plain: torch.multinomial. The notebook's loop as the notebook")
+    p.add_argument("--init-kl-coef", type=float, default=RLSettings.init_kl_coef,
+                   help="this module's ppo.init_kl_coef; 0 with --fixed-kl skips the reference pass")
+    p.add_argument("--fixed-kl", action="store_true", help="this module's ppo.adap_kl_ctrl false (a fixed KL coefficient)")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmuls that measure the peak")
     p.add_argument("--estimator", choices=list(ESTIMATORS), default="gae",
                    help="this module's advantage_estimator (the notebook and the floor are PPO)")
     p.add_argument("--samples-per-prompt", type=int, default=1,
@@ -279,6 +318,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-notebook", action="store_true", help="time only this module and the floor")
+    p.add_argument("--skip-floor", action="store_true", help="time only this module and the notebook's loop (no ratio to floor)")
     p.add_argument("--skip-memory", action="store_true", help="no peak-RSS subprocesses")
     p.add_argument("--skip-eval", action="store_true", help="no evaluation throughput")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one iteration")
@@ -299,7 +339,11 @@ def parse_args(argv: list[str] | None):
         problems.append(f"{what} is not divisible by --mini-batch-size={args.mini_batch_size}")
     if args.grad_accum < 1 or args.mini_batch_size % args.grad_accum:
         problems.append(f"--mini-batch-size={args.mini_batch_size} is not divisible by --grad-accum={args.grad_accum}")
-    for flag in ("new_tokens", "iters", "eval_prompts", "eval_batch_size", "reward_batch_size"):
+    if args.new_tokens_range and not 1 <= args.new_tokens_range[0] < args.new_tokens_range[1]:
+        problems.append(f"--new-tokens-range={args.new_tokens_range[0]} {args.new_tokens_range[1]} must satisfy 1 <= LOW < HIGH")
+    if args.init_kl_coef < 0:
+        problems.append(f"--init-kl-coef={args.init_kl_coef} must be at least 0")
+    for flag in ("new_tokens", "iters", "eval_prompts", "eval_batch_size", "reward_batch_size", "peak_size"):
         if getattr(args, flag) < 1:
             problems.append(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

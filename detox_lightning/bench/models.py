@@ -175,6 +175,53 @@ def repeat_rows(batch: dict, k: int) -> dict:
             "query": [q for q in batch["query"] for _ in range(k)]}
 
 
+def prompt_length(ids: list[int], low: int, high: int, seed: int = 0) -> int:
+    """A response length drawn from [low, high) for this prompt: the same in every way and process."""
+    return random.Random(hash((seed, *ids))).randrange(low, high)  # tuples of ints hash the same in every process
+
+
+class RowLengths:
+    """A logits processor that ends row i with EOS as its `lengths[i]`-th new token, and bans EOS before.
+
+    Put first: the sampler after it (multinomial or inverse CDF) then draws EOS with probability 1
+    where it is forced. Counts new tokens from the length of `input_ids` at its first call.
+    """
+
+    def __init__(self, lengths: torch.Tensor, eos: int) -> None:
+        self.lengths, self.eos, self.start = lengths, eos, None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.start = input_ids.shape[1] if self.start is None else self.start
+        index = input_ids.shape[1] - self.start + 1  # the new token about to be drawn, counted from 1
+        lengths = self.lengths.to(scores.device)
+        scores = scores.clone()
+        scores[index < lengths, self.eos] = float("-inf")
+        forced = index == lengths
+        scores[forced] = float("-inf")
+        scores[forced, self.eos] = 0.0
+        return scores
+
+
+def draw_lengths_per_prompt(policy, low: int, high: int, seed: int = 0) -> None:
+    """Every `policy.generate` (this module's, the notebook's loop's, the floor's, the evaluation's)
+    gives each prompt its own response length from [low, high), as the notebook's `LengthSampler`
+    draws one per prompt: a batch runs to its longest row, the shorter rows padded after their EOS."""
+    from transformers import LogitsProcessorList
+
+    generate = policy.generate
+
+    def generate_with_lengths(*args, input_ids, attention_mask, **kwargs):
+        lengths = torch.tensor([prompt_length(ids[m.bool()].tolist(), low, high, seed)
+                                for ids, m in zip(input_ids, attention_mask, strict=True)])
+        eos = kwargs["eos_token_id"]
+        first = RowLengths(lengths, eos[0] if isinstance(eos, list) else eos)
+        kwargs["logits_processor"] = LogitsProcessorList([first, *(kwargs.get("logits_processor") or [])])
+        kwargs["max_new_tokens"] = int(lengths.max())
+        return generate(*args, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    policy.generate = generate_with_lengths
+
+
 def make_reward(args, reward_dir: str, quantize: str | None = None):
     """The reward classifier; `quantize` None: as `--reward-quantize` says."""
     from detox_lightning.rewards import HFClassifierReward
@@ -186,15 +233,18 @@ def make_module(args, policy_dir: str, reward_dir: str, reward_quantize: str | N
     from detox_lightning.models import PolicyConfig
     from detox_lightning.training import GenerationSettings, RLDetoxModule, RLSettings
 
+    cap = args.new_tokens_range[1] - 1 if args.new_tokens_range else args.new_tokens
     return RLDetoxModule(
         reward=make_reward(args, reward_dir, reward_quantize),
         policy=PolicyConfig(model_name_or_path=policy_dir, dtype=args.dtype),
         ppo=RLSettings(mini_batch_size=args.mini_batch_size, gradient_accumulation_steps=args.grad_accum, ppo_epochs=1,
                         gradient_checkpointing=args.gradient_checkpointing, advantage_estimator=args.estimator,
-                        samples_per_prompt=args.samples_per_prompt),
-        # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token)
-        generation=GenerationSettings(min_length=args.new_tokens + 1, output_min_length=args.new_tokens,
-                                      output_max_length=args.new_tokens, fast_sampling=args.generation == "fast"),
+                        samples_per_prompt=args.samples_per_prompt, init_kl_coef=args.init_kl_coef,
+                        adap_kl_ctrl=not args.fixed_kl),
+        # every response is exactly new_tokens long: EOS is masked until then (min_length counts the start token);
+        # with --new-tokens-range each prompt's own length (`draw_lengths_per_prompt`) under a cap of the range's top
+        generation=GenerationSettings(min_length=1 if args.new_tokens_range else args.new_tokens + 1,
+                                      output_min_length=cap, output_max_length=cap, fast_sampling=args.generation == "fast"),
         batch_size=args.batch_size,
     )
 

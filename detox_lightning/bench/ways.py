@@ -64,6 +64,10 @@ class Clock:
         """Wall seconds per phase, and CPU seconds as `cpu_<phase>`."""
         return dict(self.totals) | {f"cpu_{k}": v for k, v in self.cpu_totals.items()}
 
+    def innermost(self) -> str:
+        """The innermost open phase ("other" outside every phase)."""
+        return self._open[-1][0] if self._open else "other"
+
     def now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
@@ -105,8 +109,11 @@ class Clock:
 # ---- way 1: this project's module, driven by a Lightning Trainer ----
 
 
-def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> list[dict[str, float]]:
-    """Fit `module` for len(batches) iterations; returns per-iteration phase timings."""
+def run_ours(module, batches: list[dict], args, clock: Clock | None = None, work: list | None = None) -> list[dict[str, float]]:
+    """Fit `module` for len(batches) iterations; returns per-iteration phase timings.
+
+    `work`: a list to which each iteration's token and FLOP counts are appended (`efficiency.WorkRecorder`).
+    """
     import lightning.pytorch as pl
 
     clock = clock or Clock(torch.device(args.device))
@@ -118,10 +125,17 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
     module.update = clock.wrap("update", module.update)
     module.reward.register_forward_pre_hook(lambda *_: clock.start("reward"))
     module.reward.register_forward_hook(lambda *_: clock.stop())
+    recorder = None
+    if work is not None:
+        from detox_lightning.bench.efficiency import WorkRecorder
+
+        recorder = WorkRecorder(module, clock, recompute=args.gradient_checkpointing)
 
     class Record(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             clock.clear()
+            if recorder is not None:
+                recorder.reset()
             self.t0, self.cpu0 = clock.now(), time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -130,6 +144,8 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
             for prefix in ("", "cpu_"):
                 t[prefix + "logprobs"] = t[prefix + "experience"] - t[prefix + "generate"] - t[prefix + "reward"]
             per_iter.append(t)
+            if recorder is not None:
+                work.append(recorder.take())
 
     trainer = pl.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1,
@@ -137,24 +153,37 @@ def run_ours(module, batches: list[dict], args, clock: Clock | None = None) -> l
         enable_model_summary=False, callbacks=[Record()], default_root_dir=args.workdir,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer.fit(module, loader)
+    if recorder is not None:
+        recorder.enabled = True
+    try:
+        trainer.fit(module, loader)
+    finally:
+        if recorder is not None:
+            recorder.enabled = False  # the other ways and the evaluation share the module: not counted
     return per_iter
 
 
 # ---- way 2: the notebook's loop (trl's classic PPOTrainer), same model and prompts ----
 
 
-def _trl_forward(model, arch, rows, tokenizer, device, mb):
-    """trl's `batched_forward_pass`: mini-batches padded on their own, full log-softmax then gather."""
+def _trl_forward(model, arch, rows, tokenizer, device, mb, width):
+    """trl's `batched_forward_pass`: mini-batches padded on their own, full log-softmax then gather.
+
+    Responses of unequal length (`--new-tokens-range`) are right-padded within a mini-batch;
+    log-probs and values come back padded to `width` columns.
+    """
     out_lp, out_v = [], []
     for start in range(0, len(rows), mb):
         chunk = rows[start : start + mb]
         enc = tokenizer.pad({"input_ids": [q.tolist() for q, _ in chunk]}, padding=True, return_tensors="pt").to(device)
-        responses = torch.stack([r for _, r in chunk]).to(device)
-        logits, values = arch.forward(model, enc["input_ids"], enc["attention_mask"], responses, torch.ones_like(responses))
+        longest = max(len(r) for _, r in chunk)
+        responses = torch.stack([torch.nn.functional.pad(r, (0, longest - len(r)), value=tokenizer.pad_token_id)
+                                 for _, r in chunk]).to(device)
+        mask = torch.stack([torch.arange(longest) < len(r) for _, r in chunk]).to(device)
+        logits, values = arch.forward(model, enc["input_ids"], enc["attention_mask"], responses, mask)
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-        out_lp.append(logp)
-        out_v.append(values.float())
+        out_lp.append(torch.nn.functional.pad(logp * mask, (0, width - longest)))
+        out_v.append(torch.nn.functional.pad(values.float() * mask, (0, width - longest)))
     return torch.cat(out_lp), torch.cat(out_v)
 
 
@@ -185,15 +214,16 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
                                            **gen_kwargs), len(q))[0]
             for q in queries
         ]
+    width = max(len(r) for r in responses)  # all equal unless --new-tokens-range
     with clock("reward"):
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         scores = pipeline_scores(reward, [q + r for q, r in zip(batch["query"], texts, strict=True)]).to(device)
     rows = list(zip(queries, responses, strict=True))
     # 2. old log-probs and values, then reference log-probs from the deep-copied model: two passes
     with clock("logprobs"), torch.no_grad():
-        logprobs, values = _trl_forward(policy, arch, rows, tokenizer, device, ppo.mini_batch_size)
-        ref_logprobs, _ = _trl_forward(ref_model, arch, rows, tokenizer, device, ppo.mini_batch_size)
-        mask = torch.ones_like(logprobs)
+        logprobs, values = _trl_forward(policy, arch, rows, tokenizer, device, ppo.mini_batch_size, width)
+        ref_logprobs, _ = _trl_forward(ref_model, arch, rows, tokenizer, device, ppo.mini_batch_size, width)
+        mask = torch.stack([torch.arange(width) < len(r) for r in responses]).float().to(device)
         rewards = shape_rewards(scores, per_token_kl(logprobs, ref_logprobs), mask, 0.2)
         advantages, returns = gae(values, rewards, mask, ppo.gamma, ppo.lam)
         advantages = masked_whiten(advantages, mask)
@@ -201,7 +231,7 @@ def notebook_iteration(module, reward, ref_model, optimizer, batch: dict, args, 
     with clock("update"):
         policy.train(not ppo.disable_dropout)
         for idx in torch.randperm(len(rows)).split(ppo.mini_batch_size):
-            new_lp, vpred = _trl_forward(policy, arch, [rows[i] for i in idx], tokenizer, device, len(idx))
+            new_lp, vpred = _trl_forward(policy, arch, [rows[i] for i in idx], tokenizer, device, len(idx), width)
             idx = idx.to(device)
             pg_loss, *_ = policy_loss(new_lp, logprobs[idx], advantages[idx], mask[idx], ppo.cliprange)
             vf_loss, _ = value_loss(vpred, values[idx], returns[idx], mask[idx], ppo.cliprange_value)
@@ -283,15 +313,15 @@ def eval_notebook(module, reward, prompts: list[dict], args) -> float:
 
 
 def run_way(
-    way: str, module, batches: list[dict], args, clock: Clock | None = None, reward=None
+    way: str, module, batches: list[dict], args, clock: Clock | None = None, reward=None, work: list | None = None
 ) -> list[dict[str, float]]:
     """Run `way` over `batches` (the first is the warm-up); per-iteration phase timings.
 
-    `reward`: the notebook's classifier (default: the module's).
+    `reward`: the notebook's classifier (default: the module's). `work`: see `run_ours` (this module only).
     """
     clock = clock or Clock(torch.device(args.device))
     if way == "ours":
-        return run_ours(module, batches, args, clock)
+        return run_ours(module, batches, args, clock, work)
     batches = [repeat_rows(b, args.samples_per_prompt) for b in batches]
     if module.policy.v_head is None:  # rloo/grpo built the module without one; these ways are PPO
         module.policy.v_head = ValueHead(module.policy.pretrained_model.config.hidden_size).to(args.device)
