@@ -108,7 +108,7 @@ def test_two_ranks_write_the_one_device_table_once_with_every_prompt_scored_once
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout, out
 
-    one_out, one = evaluate("one", "--trainer.devices", "1")
+    _, one = evaluate("one", "--trainer.devices", "1")
     two_out, two = evaluate("two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert two_out.count("wrote table.md") == 1, two_out  # rank 0 alone writes and prints
     samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]

@@ -47,6 +47,11 @@ class Architecture:
     def is_encoder_decoder(self) -> bool:
         return self.name == "seq2seq"
 
+    @property
+    def vllm_serves(self) -> bool:
+        """Whether a vLLM server can sample this architecture: vLLM dropped encoder-decoder models."""
+        return not self.is_encoder_decoder
+
     def auto_model_class(self):
         """The transformers Auto class that loads the base model, an exported merge, or the adapter's base."""
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM

@@ -52,8 +52,9 @@ class EvaluatorLM:
     """
 
     def __init__(self, name_or_path: str, dtype: str = "float32", batch_size: int = 16) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        from detox_lightning.models.architectures import CAUSAL
         from detox_lightning.models.dtypes import DTYPES
         from detox_lightning.offline.builtin import resolve
 
@@ -63,7 +64,7 @@ class EvaluatorLM:
         with user_input(what):
             path = resolve(name_or_path)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+            self.model = CAUSAL.auto_model_class().from_pretrained(path, dtype=DTYPES[dtype]).eval()
         self.model.requires_grad_(False)
         self.name_or_path, self.batch_size = name_or_path, batch_size
 

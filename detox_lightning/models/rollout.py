@@ -31,12 +31,15 @@ class Samples:
         mask: (B, T) bool response mask.
         step_logits: T tensors (B, V), the raw logits of each sampling step (empty unless kept).
         values: (B, T) value-head predictions from the decoder's last hidden states (None unless kept).
+        sampler_logprobs: (B, T) a separate sampler's (vLLM's) log-probs of the sampled tokens,
+            zero past each response's end; None when the trainer's own `generate` sampled.
     """
 
     response_ids: torch.Tensor
     mask: torch.Tensor
     step_logits: tuple[torch.Tensor, ...] = ()
     values: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None
 
     def logits(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """Raw logits (len(rows), length, V) float32 of `rows`' first `length` response tokens."""

@@ -29,7 +29,7 @@ from detox_lightning.offline import sample_data, sample_rtp
 
 PREFIX = "builtin:"
 # Bump a builder's version when its output changes, so that stale caches are not reused.
-_VERSIONS = {"sample-dialogsum": "v1", "sample-rtp": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2", "tiny-llama": "v1", "tiny-gpt-neo": "v1"}
+_VERSIONS = {"sample-dialogsum": "v1", "sample-rtp": "v1", "tiny-t5": "v1", "tiny-hate-roberta": "v2", "tiny-llama": "v1", "tiny-gpt-neo": "v1", "tiny-llama-h64": "v1"}
 _MARKER = "BUILD_COMPLETE"
 _PROMPT = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 _T5_SPECIAL = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -184,6 +184,27 @@ def _build_tiny_llama(path: Path) -> None:
     _save_causal(path, tokenizer, LlamaForCausalLM, config)
 
 
+def _build_tiny_llama_h64(path: Path) -> None:
+    """`tiny-llama` with attention heads of size 64 (hidden 128, 2 heads): vLLM's CPU attention
+    refuses tiny-llama's head size 16, so this is the causal model the vLLM rollout tests serve."""
+    tokenizer = _causal_tokenizer(single="<s> $A")
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    _save_causal(path, tokenizer, LlamaForCausalLM, config)
+
+
 def _build_tiny_gpt_neo(path: Path) -> None:
     """A GPT-Neo-shaped causal LM (random weights): learned absolute positions, so a left-padded row
     read at the wrong positions gives other logits (rotary Llama hides that). No BOS is added and
@@ -272,6 +293,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-t5": _build_tiny_t5,
     "tiny-hate-roberta": _build_tiny_hate_roberta,
     "tiny-llama": _build_tiny_llama,
+    "tiny-llama-h64": _build_tiny_llama_h64,
     "tiny-gpt-neo": _build_tiny_gpt_neo,
 }
 

@@ -22,6 +22,9 @@ class Experience:
         response_ids: (B, T) sampled tokens, padded after the first EOS.
         mask: (B, T) float response mask.
         logprobs: (B, T) the rollout policy's log-probs of the response tokens.
+        is_weights: (B, T) importance weights of a separate sampler (`rl.importance`: trainer over
+            sampler probability, truncated), multiplying each token's policy-gradient loss; None
+            when the trainer sampled itself. A sequence-level weight is repeated on its tokens.
         first_epoch: the first update epoch's mini-batches, each a list of micro-batch row
             indices; the rollout was scored in exactly these micro-batches (see `score_rollout`).
     """
@@ -35,6 +38,7 @@ class Experience:
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
     padding_side: str = "right"  # of the prompts, "left" or "right": the policy architecture's
     first_epoch: list[list[torch.Tensor]] | None = None
 

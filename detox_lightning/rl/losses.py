@@ -25,6 +25,7 @@ def policy_loss(
     mask: torch.Tensor,
     cliprange: float,
     num_items: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate loss per token (trl's PPO, OpenRLHF's `PolicyLoss`).
 
@@ -35,6 +36,8 @@ def policy_loss(
         cliprange: epsilon of the ratio clip [1 - eps, 1 + eps].
         num_items: None: the masked mean over this batch's tokens; else the masked sum divided by
             it (the token count of a whole optimizer step, as OpenRLHF's `batch_num_tokens`).
+        is_weights: (B, T) importance weights of a separate sampler (`rl.importance`), multiplying
+            each token's loss; None: 1.
 
     Returns:
         loss (mean of max(-A r, -A clip(r)) over tokens), clipfrac (fraction of tokens where the
@@ -45,6 +48,8 @@ def policy_loss(
     losses = -advantages * ratio  # (B, T)
     losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
     per_token = torch.max(losses, losses_clipped)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights  # (B, T)
     if num_items is None:
         loss = masked_mean(per_token, mask)
     else:
@@ -88,6 +93,7 @@ def rloo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cliprange: float,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """trl 1.12's RLOO loss: one clipped importance ratio per sequence, mean over sequences.
 
@@ -96,6 +102,7 @@ def rloo_loss(
         advantages: (B,) sequence advantages.
         mask: (B, T) response mask.
         cliprange: epsilon of the ratio clip [1 - eps, 1 + eps].
+        is_weights: (B,) a separate sampler's importance weight of each sequence; None: 1.
 
     Returns:
         loss, clip fraction (sequences whose ratio was clipped where it mattered), mean ratio.
@@ -103,7 +110,8 @@ def rloo_loss(
     log_ratio = ((logprobs - old_logprobs) * mask).sum(dim=1)  # (B,): the sequence's log-ratio
     ratio = torch.exp(log_ratio)  # (B,)
     clipped = torch.clamp(ratio, 1 - cliprange, 1 + cliprange)  # (B,)
-    loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+    per_sequence = -torch.min(ratio * advantages, clipped * advantages)  # (B,)
+    loss = (per_sequence if is_weights is None else per_sequence * is_weights).mean()
     is_clipped = ((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0))
     return loss, is_clipped.float().mean(), ratio.mean()
 
@@ -120,6 +128,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: float | None = None,
     use_bias_correction_kl: bool = False,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """trl 1.12's GRPO loss (token-level ratio, two-sided clip, KL as a loss term).
 
@@ -139,6 +148,8 @@ def grpo_loss(
         use_bias_correction_kl: trl's `use_bias_correction_kl`: multiply the k3 KL by the
             (differentiable) importance ratio, so that it estimates the KL of the current policy
             from samples of the rollout's.
+        is_weights: (B, T) a separate sampler's importance weights, multiplying the clipped term
+            (not the KL term), as trl's `vllm_importance_sampling_correction`; None: 1.
 
     Returns:
         loss, clip fraction (tokens clipped where it mattered), mean KL term per token (the k3 KL,
@@ -148,6 +159,8 @@ def grpo_loss(
     coef_1 = torch.exp(logprobs - old_logprobs)  # (B, T)
     coef_2 = torch.clamp(coef_1, 1 - cliprange, 1 + cliprange)  # (B, T)
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)  # (B, T)
+    if is_weights is not None:
+        per_token = per_token * is_weights  # (B, T)
     kl = torch.zeros_like(per_token)  # (B, T)
     if beta != 0.0:
         kl = k3_kl(logprobs, ref_logprobs)  # (B, T)

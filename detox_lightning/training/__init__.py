@@ -2,7 +2,7 @@
 non-finite iterations in order."""
 
 from detox_lightning.training.module import PPODetoxModule, RLDetoxModule
-from detox_lightning.training.settings import GenerationSettings, PPOSettings, RLSettings
+from detox_lightning.training.settings import GenerationSettings, PPOSettings, RLSettings, RolloutSettings
 from detox_lightning.training.sft import SFTSummarizationModule
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "PPOSettings",
     "RLDetoxModule",
     "RLSettings",
+    "RolloutSettings",
     "SFTSummarizationModule",
 ]

@@ -13,6 +13,7 @@ import math
 import time
 from collections import defaultdict
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -21,29 +22,36 @@ from lightning.pytorch.utilities import rank_zero_info
 from detox_lightning.io.checkpoint import iterations_done
 from detox_lightning.models.architectures import architecture_of
 from detox_lightning.models.end_tokens import end_token_ids
+from detox_lightning.models.engines import EngineError, GenerateEngine, RolloutEngine
 from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
 from detox_lightning.models.policy import (
+    POLICY_ADAPTER,
     PolicyConfig,
     base_dtype,
     build_policy,
     enable_gradient_checkpointing,
     reference_mode,
 )
-from detox_lightning.models.rollout import RolloutRecord, Samples, logprobs_and_values, sample, score_rollout
+from detox_lightning.models.rollout import RolloutRecord, Samples, logprobs_and_values, score_rollout
+from detox_lightning.models.vllm_engine import VLLMEngine
+from detox_lightning.models.vllm_server import default_vllm_python
+from detox_lightning.offline.builtin import resolve
 from detox_lightning.rewards.classifiers import RewardModel
 from detox_lightning.rl.controllers import kl_controller
 from detox_lightning.rl.estimators import Rollout, build_estimator
 from detox_lightning.rl.experience import Experience
+from detox_lightning.rl.importance import importance_weights, sampler_mismatch
 from detox_lightning.rl.kl import per_token_kl
 from detox_lightning.rl.stats import RunningMoments, group_reward_std
 from detox_lightning.training.distributed import DataParallelMixin
 from detox_lightning.training.guards import SkipCounter, nonfinite_parts
 from detox_lightning.training.resumable import ResumableRLMixin
-from detox_lightning.training.settings import GenerationSettings, RLSettings, check_settings
+from detox_lightning.training.settings import GenerationSettings, RLSettings, RolloutSettings, check_settings
 from detox_lightning.training.trainable_state import TrainableStateMixin
 from detox_lightning.trl_compat import masked_mean
 
 PROGRESS_BAR = ("env/reward_mean", "objective/kl")
+IN_PROCESS = GenerateEngine()  # the policy's own `generate`: the evaluation's sampler, whatever the rollout engine
 
 
 class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl.LightningModule):
@@ -56,6 +64,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         ppo: RL hyper-parameters, the estimator among them (the YAML key keeps its old name).
         generation: response sampling during training.
         batch_size: prompts per iteration (linked from `data.batch_size`).
+        rollout: what samples the rollouts: `generate` or a vLLM server (decoder-only policies).
     """
 
     def __init__(
@@ -65,9 +74,10 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         ppo: RLSettings = RLSettings(),  # noqa: B008
         generation: GenerationSettings = GenerationSettings(),  # noqa: B008
         batch_size: int = 16,
+        rollout: RolloutSettings = RolloutSettings(),  # noqa: B008
     ) -> None:
         super().__init__()
-        check_settings(batch_size, ppo, generation)
+        check_settings(batch_size, ppo, generation, rollout)
         self.automatic_optimization = False
         self.policy_config, self.ppo, self.generation, self.batch_size = policy, ppo, generation, batch_size
         self.estimator = build_estimator(ppo, max_completion_length=generation.output_max_length)
@@ -75,8 +85,10 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         self.policy, self.tokenizer = build_policy(policy, value_head=self.estimator.needs_value_head)
         self.arch = architecture_of(self.policy.pretrained_model.config)  # seq2seq or causal: see architectures.py
         self.end_token_ids = end_token_ids(self.policy.pretrained_model.generation_config, self.tokenizer)
+        self.rollout = rollout
+        self.engine = self.build_engine(rollout)
         # generate's logits round as the teacher-forced forward only in float32 (RLSettings docs)
-        self.logprobs_from_generate = (
+        self.logprobs_from_generate = self.engine.keeps_logits and (
             base_dtype(policy.dtype) == "float32" if ppo.logprobs_from_generate is None else ppo.logprobs_from_generate
         )
         if ppo.gradient_checkpointing:
@@ -86,6 +98,29 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         self.score_moments = RunningMoments()
         self.skips = SkipCounter()
         self.last_rollout: RolloutRecord | None = None  # this rank's latest rollout, for monitors
+
+    def build_engine(self, rollout: RolloutSettings) -> RolloutEngine:
+        """The rollout engine (`models.engines`); a started vLLM server waits for the first rollout."""
+        if rollout.engine == "generate":
+            return IN_PROCESS
+        if not self.arch.vllm_serves:
+            raise EngineError(
+                f"model.rollout.engine='vllm' serves decoder-only policies; {self.policy_config.model_name_or_path} is "
+                f"an encoder-decoder model (vLLM dropped those): use model.rollout.engine=generate"
+            )
+        peft_model = self.policy.pretrained_model
+        return VLLMEngine(
+            url=rollout.vllm_url,
+            python=rollout.vllm_python or default_vllm_python(),
+            model_dir=resolve(self.policy_config.model_name_or_path),
+            lora_rank=peft_model.peft_config[POLICY_ADAPTER].r,
+            dtype=base_dtype(self.policy_config.dtype),
+            timeout_s=rollout.timeout_s,
+            startup_timeout_s=rollout.startup_timeout_s,
+        )
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()  # a vLLM server this run started
 
     # ---- generation (also used by the evaluation callbacks) ----
 
@@ -123,9 +158,23 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         kwargs = self.generation_kwargs(max_new_tokens)
         try:
             with reference_mode(self.policy) if reference else contextlib.nullcontext(), self.generation_weights():
-                return sample(self.policy, self.arch, input_ids, attention_mask, kwargs, keep_logits)
+                return IN_PROCESS.sample(self.policy, self.arch, input_ids, attention_mask, kwargs, keep_logits)
         finally:
             self.policy.train(was_training)
+
+    @torch.no_grad()
+    def sample_rollout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> Samples:
+        """Step 1's responses from the rollout engine (`generate`: `sample`; vLLM: the server,
+        after syncing the policy adapter). The evaluation samples with `sample`, the same way
+        before and after training, whatever the engine."""
+        if self.engine.in_process:
+            return self.sample(input_ids, attention_mask, max_new_tokens, keep_logits=self.logprobs_from_generate)
+        if self.world_size > 1:
+            raise EngineError(f"model.rollout.engine='vllm' runs in one trainer process, not {self.world_size} ranks")
+        if self.engine.workdir is None:  # the synced adapters and a started server's log, in the run's folder
+            run_dir = (self.trainer.log_dir or self.trainer.default_root_dir) if self._trainer is not None else "."
+            self.engine.workdir = Path(run_dir) / "vllm"
+        return self.engine.sample(self.policy, self.arch, input_ids, attention_mask, self.generation_kwargs(max_new_tokens, fast=False))
 
     def decode(self, response_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
@@ -164,7 +213,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
 
         # 1. rollout: one batched generate
         max_new_tokens = self.draw_max_new_tokens()
-        samples = self.sample(input_ids, attention_mask, max_new_tokens, keep_logits=self.logprobs_from_generate)
+        samples = self.sample_rollout(input_ids, attention_mask, max_new_tokens)
         ids, mask = samples.response_ids, samples.mask  # (B*k, T) tokens, (B*k, T) bool: up to the first EOS
 
         # 2. score with the reward component
@@ -184,9 +233,16 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             partial(reference_mode, self.policy), with_full_kl=ppo.kl_penalty == "full",
             with_reference=estimator.needs_reference,
         )
+        sampler_logprobs = samples.sampler_logprobs  # (B*k, T) vLLM's log-probs; None from generate
         del samples  # with its (B*k, T, V) step logits
         fmask = mask.float()  # (B*k, T)
         logprobs, ref_logprobs = token_scores.logprobs, token_scores.ref_logprobs  # (B*k, T); ref None without the pass
+        is_weights = None  # (B*k, T) truncated p_trainer / p_sampler, for a separate sampler
+        if sampler_logprobs is not None and self.rollout.importance_sampling:
+            r = self.rollout
+            is_weights = importance_weights(
+                logprobs, sampler_logprobs, fmask, r.importance_sampling_cap, r.importance_sampling_mode, estimator.ratio_level
+            )
         kl = None  # (B*k, T) the chosen KL estimate per token, None without a reference pass
         if ref_logprobs is not None:
             kl = token_scores.full_kl if ppo.kl_penalty == "full" else per_token_kl(logprobs, ref_logprobs, ppo.kl_penalty)
@@ -205,6 +261,7 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             values=token_scores.values,  # (B*k, T), None without a value head
             returns=returns,
             ref_logprobs=ref_logprobs,
+            is_weights=is_weights,
             first_epoch=first_epoch,
         )
 
@@ -222,7 +279,27 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
             kl=kl_sum.cpu() if kl_sum is not None else None,
         )
         stats = self.rollout_stats(token_scores.entropy, kl_sum, raw_scores, scores, attention_mask, experience)
+        if sampler_logprobs is not None:
+            stats.update(self.sampler_stats(logprobs, sampler_logprobs, fmask, is_weights))
         return experience, stats
+
+    def sampler_stats(
+        self, logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, fmask: torch.Tensor, is_weights: torch.Tensor | None
+    ) -> dict[str, float]:
+        """How far the sampler (vLLM) is from the trainer, over every rank's response tokens (B*k, T each)."""
+        parts = sampler_mismatch(logprobs, sampler_logprobs, fmask)
+        if is_weights is not None:
+            r = self.rollout
+            uncapped = importance_weights(logprobs, sampler_logprobs, fmask, math.inf, "truncate", self.estimator.ratio_level)
+            parts["weight"] = (is_weights * fmask).sum()
+            parts["capped"] = ((uncapped > r.importance_sampling_cap).float() * fmask).sum()
+        sums = dict(zip(parts, self.all_reduce_sum(torch.stack(list(parts.values()))).tolist(), strict=True))
+        tokens = max(sums.pop("tokens"), 1.0)
+        names = {"abs_diff": "sampling/logprob_abs_diff", "kl_k1": "sampling/kl_k1", "kl_k3": "sampling/kl_k3",
+                 "weight": "sampling/importance_weight_mean", "capped": "sampling/importance_weight_capped_frac"}
+        stats = {names[name]: value / tokens for name, value in sums.items()}
+        stats["sampling/adapter_syncs"] = float(getattr(self.engine, "syncs", 0))  # adapters the server loaded so far
+        return stats
 
     def update_batches(self, rows: int) -> list[list[torch.Tensor]]:
         """One epoch of shuffled mini-batches, each split into its gradient-accumulation micro-batches."""

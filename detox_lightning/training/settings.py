@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from detox_lightning.errors import ConfigError, out_of_range, raise_problems
 from detox_lightning.rl.estimators import estimator_problems, samples_per_prompt_problem
 from detox_lightning.rl.estimators.grpo import SCALE_REWARDS, ScaleRewards
+from detox_lightning.rl.importance import IMPORTANCE_MODES, ImportanceMode
 from detox_lightning.rl.kl import KL_PENALTIES, KLPenalty
 from detox_lightning.rl.losses import GRPO_LOSS_TYPES, GRPOLossType
 
@@ -39,6 +40,65 @@ class GenerationSettings:
     top_p: float = 1.0
     temperature: float = 1.0
     fast_sampling: bool = True
+
+
+@dataclass
+class RolloutSettings:
+    """What samples the rollouts (YAML `model.init_args.rollout`).
+
+    Args:
+        engine: `generate` (the policy's own `generate`, every architecture) or `vllm` (a vLLM
+            server, decoder-only policies: vLLM serves no encoder-decoder model), fed the policy's
+            LoRA adapter after every update. The trainer still scores every sampled token itself
+            (old and reference log-probs), so the first update's ratio stays exactly 1. vllm runs
+            with one trainer process (no DDP yet); the evaluation samples with `generate` either way.
+        vllm_url: a running vLLM OpenAI-compatible server (started as `models.vllm_server`
+            starts one: `--enable-lora --max-lora-rank R --logprobs-mode processed_logprobs
+            --no-enable-chunked-prefill`, `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`; able to read
+            the run's folder); None: the trainer starts one from `vllm_python` and stops it at the end.
+        vllm_python: the interpreter of the server's own environment; None:
+            `$DETOX_LIGHTNING_VLLM_PYTHON`, else the checkout's `.venv-vllm/bin/python`.
+        timeout_s: the longest wait for one reply of the server (then one error, never a hang).
+        startup_timeout_s: how long a started server may take to answer its health check.
+        importance_sampling: reweight each token's policy-gradient loss by p_trainer / p_vllm,
+            truncated (trl's `vllm_importance_sampling_correction`, on by default as there): the
+            correction for the tokens vLLM sampled from a slightly different distribution.
+        importance_sampling_mode: `truncate` (min(ratio, cap)) or `mask` (0 above the cap); per
+            token, or per sequence for a sequence-ratio estimator (rloo).
+        importance_sampling_cap: the cap C (trl 1.12's `vllm_importance_sampling_clip_max`, 3.0).
+    """
+
+    engine: str = "generate"
+    vllm_url: str | None = None
+    vllm_python: str | None = None
+    timeout_s: float = 300.0
+    startup_timeout_s: float = 300.0
+    importance_sampling: bool = True
+    importance_sampling_mode: ImportanceMode = "truncate"
+    importance_sampling_cap: float = 3.0
+
+
+def rollout_problems(rollout: RolloutSettings, ppo: RLSettings) -> list[str | None]:
+    """The rollout settings' problems, one line each naming the flag."""
+    r = "model.rollout."
+    problems: list[str | None] = []
+    if rollout.engine not in ("generate", "vllm"):
+        problems.append(f"{r}engine={rollout.engine!r} is not one of generate, vllm")
+    if rollout.importance_sampling_mode not in IMPORTANCE_MODES:
+        problems.append(f"{r}importance_sampling_mode={rollout.importance_sampling_mode!r} is not one of {', '.join(IMPORTANCE_MODES)}")
+    if rollout.vllm_url is not None and not rollout.vllm_url.startswith(("http://", "https://")):
+        problems.append(f"{r}vllm_url={rollout.vllm_url!r} must be an http:// or https:// URL")
+    if rollout.engine == "vllm" and ppo.logprobs_from_generate:
+        problems.append(
+            "model.ppo.logprobs_from_generate=True needs the trainer's own generate: with "
+            f"{r}engine='vllm' the old log-probs come from a forward pass (leave it null)"
+        )
+    problems += [
+        out_of_range(r + "timeout_s", rollout.timeout_s, 0, low_open=True),
+        out_of_range(r + "startup_timeout_s", rollout.startup_timeout_s, 0, low_open=True),
+        out_of_range(r + "importance_sampling_cap", rollout.importance_sampling_cap, 1),
+    ]
+    return problems
 
 
 @dataclass
@@ -140,9 +200,11 @@ class RLSettings:
             raise ConfigError(f"model.ppo.max_consecutive_skips={self.max_consecutive_skips} must be at least 1")
 
 
-def check_settings(batch_size: int, ppo: RLSettings, generation: GenerationSettings) -> None:
+def check_settings(
+    batch_size: int, ppo: RLSettings, generation: GenerationSettings, rollout: RolloutSettings | None = None
+) -> None:
     """Raise one ConfigError naming every inconsistent or out-of-range setting."""
-    problems = []
+    problems = rollout_problems(rollout, ppo) if rollout is not None else []
     k = ppo.samples_per_prompt
     choices = {
         "scale_rewards": (ppo.scale_rewards, SCALE_REWARDS),

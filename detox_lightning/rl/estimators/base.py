@@ -77,6 +77,9 @@ class Estimator(ABC):
     #       trl's PPO computes it when nothing is accumulated); "sequences": no token count (a mean
     #       over sequences; the caller divides by the number of micro-batches, all equally large).
     token_normaliser: ClassVar[Literal["sequences", "mini_batch", "step"]] = "sequences"
+    # Whether the loss's ratio is per token or per sequence: a separate sampler's importance
+    # weights (`rl.importance`, in `Experience.is_weights`) are taken at the same level.
+    ratio_level: ClassVar[Literal["token", "sequence"]] = "token"
     # For the start-up line: how the loss aggregates, and the defaults of the library the
     # estimator comes from, so that a user switching from it sees where this run differs.
     loss_description: ClassVar[str] = ""

@@ -90,7 +90,9 @@ class GAE(Estimator):
         num_items: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.settings
-        pg_loss, clipfrac, _ = losses.policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, s.cliprange, num_items)
+        pg_loss, clipfrac, _ = losses.policy_loss(
+            logprobs, mb.logprobs, mb.advantages, mb.mask, s.cliprange, num_items, is_weights=mb.is_weights
+        )
         vf_loss, vf_clipfrac = losses.value_loss(values, mb.values, mb.returns, mb.mask, s.cliprange_value, num_items)
         loss = pg_loss + s.vf_coef * vf_loss
         return loss, {

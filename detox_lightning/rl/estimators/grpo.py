@@ -81,6 +81,6 @@ class GRPO(SequenceEstimator):
         loss, clipfrac, kl = losses.grpo_loss(
             logprobs, mb.logprobs, per_sequence(mb.advantages), mb.mask, s.cliprange, beta=beta,
             ref_logprobs=mb.ref_logprobs, loss_type=s.loss_type, max_completion_length=self.max_completion_length,
-            num_items=num_items, use_bias_correction_kl=s.use_bias_correction_kl,
+            num_items=num_items, use_bias_correction_kl=s.use_bias_correction_kl, is_weights=mb.is_weights,
         )
         return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac, "ppo/policy/kl_k3": kl}

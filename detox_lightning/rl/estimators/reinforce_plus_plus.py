@@ -96,6 +96,7 @@ class ReinforcePlusPlus(Estimator):
         num_items: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, clipfrac, _ = losses.policy_loss(
-            logprobs, mb.logprobs, mb.advantages, mb.mask, self.settings.cliprange, num_items=num_items
+            logprobs, mb.logprobs, mb.advantages, mb.mask, self.settings.cliprange, num_items=num_items,
+            is_weights=mb.is_weights,
         )
         return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac}

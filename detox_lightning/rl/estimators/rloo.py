@@ -45,6 +45,7 @@ class RLOO(SequenceEstimator):
     samples; one clipped importance ratio per sequence, mean over sequences."""
 
     name: ClassVar[str] = "rloo"
+    ratio_level: ClassVar[str] = "sequence"  # one ratio per sequence: so is a sampler's importance weight
     loss_description: ClassVar[str] = "clipped ratio per sequence, mean over sequences"
     reference_defaults: ClassVar[str] = "trl 1.12's RLOOConfig: beta 0.05 fixed, normalize_advantages false"
 
@@ -63,5 +64,8 @@ class RLOO(SequenceEstimator):
         num_items: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         advantages = per_sequence(mb.advantages)  # (b,)
-        loss, clipfrac, _ = losses.rloo_loss(logprobs, mb.logprobs, advantages, mb.mask, self.settings.cliprange)
+        is_weights = per_sequence(mb.is_weights) if mb.is_weights is not None else None  # (b,)
+        loss, clipfrac, _ = losses.rloo_loss(
+            logprobs, mb.logprobs, advantages, mb.mask, self.settings.cliprange, is_weights=is_weights
+        )
         return loss, {"ppo/loss/policy": loss, "ppo/loss/total": loss, "ppo/policy/clipfrac": clipfrac}
