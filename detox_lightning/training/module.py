@@ -108,6 +108,13 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
                 f"model.rollout.engine='vllm' serves decoder-only policies; {self.policy_config.model_name_or_path} is "
                 f"an encoder-decoder model (vLLM dropped those): use model.rollout.engine=generate"
             )
+        if rollout.importance_sampling:  # where this run differs from trl's default correction
+            rank_zero_info(
+                f"rollout engine vllm: importance weights min(p_trainer / p_vllm, {rollout.importance_sampling_cap:g}) "
+                f"{'truncated' if rollout.importance_sampling_mode == 'truncate' else 'masked above the cap'}, "
+                f"per {self.estimator.ratio_level} (trl 1.12's GRPO default: vllm_importance_sampling_mode "
+                f"sequence_mask, clip_max 3)"
+            )
         peft_model = self.policy.pretrained_model
         return VLLMEngine(
             url=rollout.vllm_url,
