@@ -57,7 +57,8 @@ def test_two_micro_batches_give_the_update_of_one(estimator, extra, tiny_t5, tin
     assert torch.equal(lengths, lengths_split)  # the same rollout
     assert len(set(lengths.tolist())) > 1, lengths  # responses of different lengths: the case that can differ
     for name, gradient in whole.items():
-        # float32 rounding (micro-batches are padded to their own lengths) relative to the gradient's size;
-        # a per-micro-batch token mean over unequal lengths misses this by orders of magnitude
+        # float32 rounding (micro-batches are padded to their own lengths) relative to the gradient's size
+        # (rloo's exp of a summed log-ratio rounds to ~2e-6 of it); a per-micro-batch token mean over
+        # unequal lengths misses this by orders of magnitude
         error, scale = float((split[name] - gradient).abs().max()), float(gradient.abs().max())
-        assert error <= 1e-6 * max(1.0, scale), (name, error, scale)
+        assert error <= 1e-5 * max(1.0, scale), (name, error, scale)
