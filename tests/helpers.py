@@ -1,11 +1,14 @@
 """Small helpers shared by the tests (importable because pytest puts tests/ on sys.path)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 import yaml
 
 from detox_lightning import DialogSumDataModule
@@ -61,3 +64,35 @@ def fit_tiny_without_evaluation(tmp_path, iterations, *overrides, timeout=900):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return tensorboard_scalars(tmp_path)
+
+
+def train_cli(config, root, *args):
+    """`train.py fit --config config` logged under `root`, with tests/ importable so that
+    `--trainer.callbacks+=` can name a test callback; returns the finished process."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", config, "--trainer.default_root_dir", str(root), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False,
+    )
+
+
+def sigkill_then_resume(config, root, straight, iteration, *args, tolerance, after_kill=None):
+    """`train_cli(config, root, *args)` SIGKILLed by `test_checkpointing.SigkillAfterIteration` at the
+    end of `iteration`, then resumed in `root` with `--ckpt_path last`; asserts the kill, the resumed
+    run's success, and that the resumed run ends with the trainable tensors of the uninterrupted run
+    under `straight` (each within `tolerance`). `after_kill()`, if given, runs between the two runs.
+
+    Returns the resumed process and the last checkpoints of the straight and the resumed run.
+    """
+    killed = train_cli(config, root, *args, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
+                       f"--trainer.callbacks.iteration={iteration}")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    if after_kill is not None:
+        after_kill()
+    resumed = train_cli(config, root, *args, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(Path(straight) / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    got = torch.load(Path(root) / "lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
+    for name, tensor in expected["state_dict"].items():
+        assert (got["state_dict"][name] - tensor).abs().max() < tolerance, name
+    return resumed, expected, got

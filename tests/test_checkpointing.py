@@ -4,15 +4,13 @@ import csv
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from helpers import fit
+from helpers import fit, sigkill_then_resume, train_cli
 from lightning.pytorch.callbacks import Callback
 
 from detox_lightning import GenerationSettings, HFClassifierReward, PolicyConfig, RLDetoxModule
@@ -302,14 +300,6 @@ def write_config(tmp_path, iterations=6, every_n_iterations=1, save_top_k=1):
     return str(path)
 
 
-def train(config, root, *args):
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, "train.py", "fit", "--config", config, "--trainer.default_root_dir", str(root), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False,
-    )
-
-
 def rewards(run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -321,25 +311,19 @@ def rewards(run_dir):
 @pytest.mark.slow
 def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(tmp_path):
     config = write_config(tmp_path)
-    straight = train(config, tmp_path / "straight")
+    straight = train_cli(config, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = train(config, tmp_path / "killed", "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
-                   "--trainer.callbacks.iteration=4")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     first = tmp_path / "killed" / "lightning_logs" / "version_0" / "checkpoints"
-    assert torch.load(first / "last.ckpt", weights_only=True)["ppo_state"]["iterations"] == 3  # 4 was lost
 
-    resumed = train(config, tmp_path / "killed", "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    def iteration_4_was_lost():
+        assert torch.load(first / "last.ckpt", weights_only=True)["ppo_state"]["iterations"] == 3
+
+    resumed, expected, got = sigkill_then_resume(config, tmp_path / "killed", tmp_path / "straight", 4,
+                                                 tolerance=1e-6, after_kill=iteration_4_was_lost)
     assert f"Restored all states from the checkpoint at {first / 'last.ckpt'}" in resumed.stderr + resumed.stdout
-
-    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
-    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
     assert got["ppo_state"]["iterations"] == 6 and got["global_step"] == expected["global_step"] == 12
     assert got["state_dict"].keys() == expected["state_dict"].keys()
-    for name, tensor in expected["state_dict"].items():
-        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
     straight_rewards = rewards(tmp_path / "straight/lightning_logs/version_0")
     assert len(straight_rewards) == 6
     assert rewards(tmp_path / "killed/lightning_logs/version_1") == pytest.approx(straight_rewards[3:], abs=1e-6)
@@ -347,8 +331,8 @@ def test_sigkill_then_resume_from_last_equals_an_uninterrupted_run(tmp_path):
 
 def test_sigkill_while_saving_leaves_the_previous_last_checkpoint_loadable(tmp_path):
     config = write_config(tmp_path, iterations=3, save_top_k=0)  # only last.ckpt is written
-    killed = train(config, tmp_path, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
-                   "--trainer.callbacks.iteration=2", "--trainer.callbacks.during_save=true")
+    killed = train_cli(config, tmp_path, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
+                       "--trainer.callbacks.iteration=2", "--trainer.callbacks.during_save=true")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)
@@ -360,16 +344,8 @@ def killed_and_resumed_vs_straight(tmp_path, *args):
     """Run 6 iterations straight and killed after 4 then resumed, both with `args`; assert the resumed
     run ends with the straight run's trainable tensors (< 1e-6). Returns the resumed checkpoint."""
     config = write_config(tmp_path)
-    straight = train(config, tmp_path / "straight", *args)
+    straight = train_cli(config, tmp_path / "straight", *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = train(config, tmp_path / "killed", *args, "--trainer.callbacks+=test_checkpointing.SigkillAfterIteration",
-                   "--trainer.callbacks.iteration=4")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = train(config, tmp_path / "killed", *args, "--ckpt_path", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = torch.load(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
-    got = torch.load(tmp_path / "killed/lightning_logs/version_1/checkpoints/last.ckpt", weights_only=True)
+    _, expected, got = sigkill_then_resume(config, tmp_path / "killed", tmp_path / "straight", 4, *args, tolerance=1e-6)
     assert got["ppo_state"]["iterations"] == 6 and got["state_dict"].keys() == expected["state_dict"].keys()
-    for name, tensor in expected["state_dict"].items():
-        assert (got["state_dict"][name] - tensor).abs().max() < 1e-6, name
     return got

@@ -4,6 +4,7 @@
 `load_dataset("json", ...)` read like any checkpoint; other strings pass through unchanged.
 """
 
+import functools
 import os
 import string
 from collections.abc import Callable, Iterable, Iterator
@@ -165,38 +166,25 @@ def _save_causal(path: Path, tokenizer: PreTrainedTokenizerFast, model_class: ty
     tokenizer.save_pretrained(path)
 
 
-def _build_tiny_llama(path: Path) -> None:
-    """A Llama-shaped causal LM (random weights) with the project's tokenizer: BOS, no EOS appended."""
+def _build_tiny_llama(path: Path, head_dim: int = 16, num_attention_heads: int = 4) -> None:
+    """A Llama-shaped causal LM (random weights) with the project's tokenizer: BOS, no EOS appended.
+
+    The hidden size is `head_dim * num_attention_heads` and the MLP twice that. `tiny-llama` has
+    heads of size 16 (hidden 64, 4 heads); `tiny-llama-h64` heads of size 64 (hidden 128, 2 heads),
+    because vLLM's CPU attention refuses head size 16, so it is the causal model the vLLM rollout
+    tests serve.
+    """
     tokenizer = _causal_tokenizer(single="<s> $A")
     tokenizer.chat_template = _CHAT_TEMPLATE
+    hidden_size = head_dim * num_attention_heads
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=num_attention_heads,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    _save_causal(path, tokenizer, LlamaForCausalLM, config)
-
-
-def _build_tiny_llama_h64(path: Path) -> None:
-    """`tiny-llama` with attention heads of size 64 (hidden 128, 2 heads): vLLM's CPU attention
-    refuses tiny-llama's head size 16, so this is the causal model the vLLM rollout tests serve."""
-    tokenizer = _causal_tokenizer(single="<s> $A")
-    tokenizer.chat_template = _CHAT_TEMPLATE
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
+        head_dim=head_dim,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=0,
@@ -293,7 +281,7 @@ _BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny-t5": _build_tiny_t5,
     "tiny-hate-roberta": _build_tiny_hate_roberta,
     "tiny-llama": _build_tiny_llama,
-    "tiny-llama-h64": _build_tiny_llama_h64,
+    "tiny-llama-h64": functools.partial(_build_tiny_llama, head_dim=64, num_attention_heads=2),
     "tiny-gpt-neo": _build_tiny_gpt_neo,
 }
 
