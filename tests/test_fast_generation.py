@@ -1,10 +1,16 @@
-"""Merged-LoRA generation and inverse-CDF sampling: the same log-probs, the same distribution, weights put back."""
+"""Fast sampling: merged-LoRA generation, few-row matmuls transposed and inverse-CDF sampling: the same log-probs, the same distribution, weights and layers put back."""
 
 import pytest
 import torch
 
 from detox_lightning import PolicyConfig
-from detox_lightning.models.fast_generation import InverseCDFSampler, inverse_cdf_kwargs, merged_lora
+from detox_lightning.models.fast_generation import (
+    FEW_ROWS,
+    InverseCDFSampler,
+    few_row_linears,
+    inverse_cdf_kwargs,
+    merged_lora,
+)
 from detox_lightning.models.policy import build_policy
 from detox_lightning.models.rollout import decoder_inputs, token_logprobs
 
@@ -180,3 +186,57 @@ def test_a_failing_merge_surfaces_its_own_error_and_puts_back_what_was_merged(po
     assert len(calls) == 3
     assert all(torch.equal(p.data, weights[n]) for n, p in base_weights(model).items())
     assert all(not layer.merged_adapters for layer in layers)
+
+
+class OwnForward(torch.nn.Linear):
+    """A Linear whose instance carries its own `forward` (as a hook of accelerate's would)."""
+
+
+def few_row_model():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "head": torch.nn.Linear(64, 1000),  # a vocabulary-sized output, with bias
+        "proj": torch.nn.Linear(64, 48, bias=False),
+        "bf16": torch.nn.Linear(64, 48).to(torch.bfloat16),
+        "hooked": torch.nn.Linear(64, 48),
+    })
+    model["hooked"].forward = model["hooked"].forward  # an instance attribute, bound to the same method
+    return model
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (16, 1, 64), (FEW_ROWS, 64), (2, FEW_ROWS // 2 + 1, 64)],
+                         ids=["1-row", "16-rows-3d", "the-limit", "past-the-limit"])
+def test_few_row_linears_compute_the_same_product(shape):
+    model = few_row_model()
+    x = torch.randn(*shape)
+    with few_row_linears(model) as n:
+        assert n == 2  # float32 CPU Linear layers without their own forward: head and proj, not bf16 or hooked
+        assert "forward" in vars(model["head"]) and "forward" in vars(model["proj"])
+        got = {k: model[k](x) for k in ("head", "proj")}
+    for name, y in got.items():
+        layer = model[name]
+        exact = x.double() @ layer.weight.double().T + (0 if layer.bias is None else layer.bias.double())
+        assert y.shape == (*shape[:-1], layer.out_features)
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)  # float32 rounding of a 64-term sum
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)  # and F.linear's own result
+    assert "forward" not in vars(model["head"]) and "forward" not in vars(model["proj"])
+    assert "forward" in vars(model["hooked"])  # its own forward kept
+
+
+def test_few_row_linears_put_every_forward_back_after_an_error():
+    model = few_row_model()
+    with pytest.raises(RuntimeError, match="boom"), few_row_linears(model):
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(m) for name, m in model.items() if name != "hooked")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_module_transposes_few_row_matmuls_only_under_fast_sampling(tiny_t5, tiny_classifier, fast):
+    from detox_lightning import GenerationSettings, HFClassifierReward, RLDetoxModule
+
+    module = RLDetoxModule(reward=HFClassifierReward(tiny_classifier), policy=PolicyConfig(model_name_or_path=tiny_t5, lora_r=4),
+                           generation=GenerationSettings(fast_sampling=fast), batch_size=4)
+    head = module.policy.pretrained_model.get_output_embeddings()
+    with module.generation_weights():
+        assert ("forward" in vars(head)) is fast
+    assert "forward" not in vars(head)

@@ -23,7 +23,7 @@ from detox_lightning.io.checkpoint import iterations_done
 from detox_lightning.models.architectures import architecture_of
 from detox_lightning.models.end_tokens import end_token_ids
 from detox_lightning.models.engines import EngineError, GenerateEngine, RolloutEngine
-from detox_lightning.models.fast_generation import inverse_cdf_kwargs, merged_lora
+from detox_lightning.models.fast_generation import few_row_linears, inverse_cdf_kwargs, merged_lora
 from detox_lightning.models.policy import (
     POLICY_ADAPTER,
     PolicyConfig,
@@ -146,9 +146,15 @@ class RLDetoxModule(ResumableRLMixin, DataParallelMixin, TrainableStateMixin, pl
         }
         return inverse_cdf_kwargs(kwargs) if (g.fast_sampling if fast is None else fast) else kwargs
 
-    def generation_weights(self) -> contextlib.AbstractContextManager:
-        """Around `generate` (policy in eval mode): the active LoRA merged under `generation.fast_sampling`."""
-        return merged_lora(self.policy.pretrained_model) if self.generation.fast_sampling else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def generation_weights(self):
+        """Around `generate` (policy in eval mode), under `generation.fast_sampling`: the active LoRA
+        merged, and the decoding steps' few-row matmuls transposed (fast_generation.py)."""
+        if not self.generation.fast_sampling:
+            yield
+            return
+        with merged_lora(self.policy.pretrained_model), few_row_linears(self.policy):
+            yield
 
     @torch.no_grad()
     def sample(
