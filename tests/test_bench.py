@@ -29,7 +29,7 @@ EFFICIENCY_KEYS = {"peak_gflops", "peak_gflops_used", "flops", "tokens", "gflops
 def test_bench_tiny_prints_json_with_every_key(tmp_path):
     cmd = [
         sys.executable, "-m", "detox_lightning.bench", *TINY, "--batch-size", "4", "--reward-quantize", "int8",
-        "--eval-prompts", "4", "--eval-batch-size", "2", "--model-dir", str(tmp_path / "models"),
+        "--eval-prompts", "4", "--eval-batch-size", "2", "--model-dir", str(tmp_path / "models"), "--iters", "2",
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -56,6 +56,8 @@ def test_bench_tiny_prints_json_with_every_key(tmp_path):
     useful = sum(f["useful"] for f in result["flops"].values())
     assert result["flop_bound_s"] == pytest.approx(useful / result["peak_gflops_used"] / 1e9)
     assert result["flop_bound_multiple"] == pytest.approx(result["s_per_iter"] / result["flop_bound_s"])
+    # two timed iterations, the second round backwards (ABBA); generate counted once an iteration
+    assert result["order"] == "ours, notebook, floor then floor, notebook, ours" and result["iters"] == 2
     assert result["generate_steps"] == 4 and result["generation"] == "fast"  # the module's default sampling
     assert "| generate |" in res.stdout and "FLOP-bound time" in res.stdout and "per-step overhead" in res.stdout
     assert result["reference_pass"] and "KL coefficient 0.2, adaptive: reference pass run" in res.stdout
@@ -184,3 +186,18 @@ def test_bench_refuses_a_model_dir_built_for_another_shape(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 1
     assert "holds {'shape': 'small', 'reward_shape': 'base'} models, not {'shape': 'base'" in res.stderr
+
+
+def test_rounds_time_every_way_on_every_batch_in_abba_order():
+    from detox_lightning.bench.driver import rounds
+
+    ways = ["ours", "notebook", "floor"]
+    for n in range(2, 7):  # a warm-up and 1-5 timed batches
+        batches = list(range(n))
+        got = rounds(ways, batches)
+        assert [b for _, bs in got for b in bs] == batches  # every batch once, in order, the warm-up first
+        assert got[0][0] == ways and got[0][1][0] == 0
+        if n > 2:  # two timed batches or more: a second round, backwards, with half of them
+            assert [o for o, _ in got] == [ways, ways[::-1]]
+            assert len(got[0][1]) - 1 == -(-(n - 1) // 2)  # ceil(timed / 2) forward
+    assert rounds(["ours"], list(range(4))) == [(["ours"], [0, 1, 2, 3])]  # one way: one round

@@ -113,6 +113,22 @@ def setup(args):
     return module, batches, prompts
 
 
+def rounds(ways: list[str], batches: list[dict]) -> list[tuple[list[str], list[dict]]]:
+    """The ways' order and batches in each round: forward over the warm-up and the first half of the
+    timed batches, then backward over the rest (ABBA).
+
+    A shared host speeds up and slows down over minutes (the matmul peak read 107 GFLOP/s at the
+    start of one run and 151-171 at its end, 152 and 115 in another); timing every way in one
+    order would charge a drift to whichever way runs first. In ABBA order a linear drift adds the
+    same to every way. Every way still sees the same batches; with one timed iteration there is no
+    second round.
+    """
+    half = 1 + len(batches) // 2  # the warm-up and ceil(iters / 2) of the 1 + iters batches
+    if len(ways) == 1 or len(batches) <= half:
+        return [(ways, batches)]
+    return [(ways, batches[:half]), (ways[::-1], batches[half:])]
+
+
 def measure_peak(args) -> dict[str, float]:
     """Matmul GFLOP/s with this run's threads: float32, and bfloat16 where the policy runs in it."""
     dtypes = {"float32": torch.float32} | ({"bfloat16": torch.bfloat16} if args.dtype == "bfloat16" else {})
@@ -166,16 +182,17 @@ def run(args) -> dict:
     nb_reward = module.reward
     if args.reward_quantize != "none" and not args.skip_notebook:
         nb_reward = make_reward(args, str(Path(args.model_dir) / "reward"), "none").to(args.device)
-    splits = {}
-    for way in WAYS:
-        if (way == "notebook" and args.skip_notebook) or (way == "floor" and args.skip_floor):
-            continue
-        splits[way] = mean_split(run_way(way, module, batches, args, reward=nb_reward, work=work))
-        if way == "ours":  # what the module itself ran, not what was asked
-            ran = {"estimator": module.ppo.advantage_estimator, "samples_per_prompt": module.ppo.samples_per_prompt,
-                   "responses_per_iter": len(module.last_rollout.responses), "init_kl_coef": module.ppo.init_kl_coef,
-                   "adap_kl_ctrl": module.ppo.adap_kl_ctrl, "reference_pass": module.estimator.needs_reference}
-        print(f"{way}: {splits[way]['total']:.2f} s/iter", flush=True)
+    ways = [w for w in WAYS if not (w == "notebook" and args.skip_notebook) and not (w == "floor" and args.skip_floor)]
+    per_iter: dict[str, list[dict[str, float]]] = {way: [] for way in ways}
+    for order, round_batches in rounds(ways, batches):
+        for way in order:
+            per_iter[way] += run_way(way, module, round_batches, args, reward=nb_reward, work=work)
+            print(f"{way}: {per_iter[way][-1]['total']:.2f} s the last iteration", flush=True)
+    splits = {way: mean_split(per_iter[way]) for way in ways}  # each way's warm-up (its first iteration) dropped
+    order = " then ".join(", ".join(o) for o, _ in rounds(ways, batches))
+    ran = {"estimator": module.ppo.advantage_estimator, "samples_per_prompt": module.ppo.samples_per_prompt,
+           "responses_per_iter": len(module.last_rollout.responses), "init_kl_coef": module.ppo.init_kl_coef,
+           "adap_kl_ctrl": module.ppo.adap_kl_ctrl, "reference_pass": module.estimator.needs_reference}
     if args.profile:
         profile_ours(module, batches[-1], args)
 
@@ -218,7 +235,7 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(), "batch_size": args.batch_size, "mini_batch_size": args.mini_batch_size,
         "grad_accum": args.grad_accum, "gradient_checkpointing": args.gradient_checkpointing,
         "reward_batch_size": args.reward_batch_size, "reward_precision": precision["ours"],
-        "reward_precision_notebook": precision["notebook"], **ran, "generation": args.generation,
+        "reward_precision_notebook": precision["notebook"], **ran, "order": order, "generation": args.generation,
         "new_tokens": args.new_tokens, "new_tokens_range": args.new_tokens_range, "iters": args.iters, "prompt_tokens_mean": round(prompt_tokens, 1),
         "chars_per_token": round(chars_per_token, 2), "eval_prompts": len(eval_prompts),
         "cpu": cpu_name(), "versions": versions(),
@@ -239,7 +256,7 @@ def print_table(result: dict, splits: dict) -> None:
           f"{result['reward_precision_notebook']}), {result['dtype']} on {result['device']} ({result['threads']} threads, "
           f"{result['cpu']}); {result['estimator']}, {result['batch_size']} prompts x {result['samples_per_prompt']}, "
           f"mini-batch {result['mini_batch_size']}, {new_tokens} new tokens, {result['generation']} sampling, "
-          f"mean of {result['iters']} iterations")
+          f"mean of {result['iters']} iterations (ways in the order {result['order']})")
     kl = "0: no reference pass" if not result["reference_pass"] else (
         f"{result['init_kl_coef']:g}, " + ("adaptive" if result["adap_kl_ctrl"] else "fixed") + ": reference pass run")
     print(f"this module's KL coefficient {kl}")
