@@ -117,9 +117,9 @@ def rounds(ways: list[str], batches: list[dict]) -> list[tuple[list[str], list[d
     """The ways' order and batches in each round: forward over the warm-up and the first half of the
     timed batches, then backward over the rest (ABBA).
 
-    A shared host speeds up and slows down over minutes (the matmul peak read 107 GFLOP/s at the
-    start of one run and 151-171 at its end, 152 and 115 in another); timing every way in one
-    order would charge a drift to whichever way runs first. In ABBA order a linear drift adds the
+    A shared host speeds up and slows down over minutes (the matmul peaks measured at a run's
+    start and end differ); timing every way in one order would charge a drift to whichever way
+    runs first. In ABBA order a linear drift adds the
     same to every way. Every way still sees the same batches; with one timed iteration there is no
     second round.
     """

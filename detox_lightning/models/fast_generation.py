@@ -10,8 +10,8 @@ They change the random stream, so a seeded run samples other (equally likely) re
 
 Why it is cheaper: `torch.multinomial` draws one exponential random number per vocabulary id
 and step; the inverse CDF needs one uniform number per row. A decoding step feeds one token per
-row through every Linear layer, and MKL runs `x @ W.T` with few rows of x (4-128) at 1/2-2/3 the
-speed of the same product as `(W @ x.T).T`. The figures are in the benchmark's README
+row through every Linear layer, and MKL's kernel for `x @ W.T` with few rows of x runs slower than
+the same product as `(W @ x.T).T`. The figures are in the benchmark's README
 (detox_lightning/bench/README.md).
 """
 
@@ -67,7 +67,7 @@ def merged_lora(peft_model: nn.Module) -> Iterator[int]:
             module.merged_adapters.remove(active)
 
 
-FEW_ROWS = 128  # at most this many rows the transposed product is faster (measured 1.1-3x on this CPU; at 256 no longer)
+FEW_ROWS = 128  # up to this many rows the transposed product is the faster one (bench README); beyond, F.linear
 
 
 def _few_row_linear(layer: nn.Linear):

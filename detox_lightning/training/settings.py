@@ -25,7 +25,8 @@ class GenerationSettings:
         top_p: 1.0 disables nucleus filtering.
         temperature: sampling temperature; log-probs divide the logits by it too.
         fast_sampling: sample with the LoRA merged into the float32 base weights (put back bit for
-            bit afterwards) and by inverse CDF instead of `torch.multinomial`
+            bit afterwards), the decoding steps' few-row CPU matmuls as (W @ x.T).T (the same
+            product, another summation order), and by inverse CDF instead of `torch.multinomial`
             (`detox_lightning.models.fast_generation`): the same distribution (the CDF in float64,
             exact at 32k-152k vocabularies; merging skipped for non-float32 base weights), another
             random stream, so a seeded run draws other responses than with it off. On by default,
