@@ -105,8 +105,6 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
     """Chunks trimmed to their own prompt/response lengths give the whole padded batch's figures,
     whether length-sorted chunks of a size or given row groups in any order (the module's
     first-epoch micro-batches) are scored."""
-    from functools import partial
-
     from detox_lightning.models.rollout import score_rollout
     from detox_lightning.rl.kl import full_kl
     from detox_lightning.trl_compat import entropy_from_logits
@@ -133,8 +131,16 @@ def test_chunked_rollout_scores_match_one_full_batch_pass(tiny_t5, perturbed_ada
         mask[row, :length] = True
     samples = Samples(ids, mask, samples.step_logits, samples.values)
     groups = 3 if chunks == "size" else [torch.tensor([4, 1]), torch.tensor([0, 3, 2])]
+    switches = []
+
+    def counted_reference_mode():
+        switches.append(1)
+        return reference_mode(model)
+
     scores = score_rollout(model, SEQ2SEQ, samples, input_ids, attention_mask, temperature, groups,
-                           partial(reference_mode, model), with_full_kl=True)
+                           counted_reference_mode, with_full_kl=True)
+    # one switch to the reference when generation gave the policy's logits, else one a chunk (between policy forwards)
+    assert len(switches) == (1 if keep_logits else 2)
 
     args = (SEQ2SEQ, input_ids, attention_mask, samples.response_ids, samples.mask, temperature)
     with torch.no_grad():

@@ -7,6 +7,7 @@ teacher-forced pass is fed come from the policy's `Architecture` (architectures.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -179,10 +180,23 @@ def score_rollout(
     `policy.reference_mode`); without `with_reference` the reference pass is skipped (when no KL
     enters training: the estimator's `needs_reference`).
     """
-    length = samples.response_ids.shape[1]  # T
     parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     if isinstance(chunks, int):
         chunks = (attention_mask.sum(dim=1) + samples.mask.sum(dim=1)).argsort(stable=True).split(chunks)  # (b,) each
+    # With the policy's figures from generation no policy forward runs here, so the reference is
+    # switched on once for every chunk: a switch walks every module of the model.
+    reference_throughout = with_reference and bool(samples.step_logits)
+    with reference_mode() if reference_throughout else contextlib.nullcontext():
+        _score_chunks(model, arch, samples, input_ids, attention_mask, temperature, chunks, parts,
+                      contextlib.nullcontext if reference_throughout else reference_mode, with_full_kl, with_reference)
+    unsort = torch.cat(list(chunks)).argsort()  # (B,): chunk order back to row order
+    return RolloutScores(**{name: torch.cat(pieces)[unsort] for name, pieces in parts.items()})  # (B, T) each
+
+
+def _score_chunks(model, arch, samples, input_ids, attention_mask, temperature, chunks, parts, reference_mode,
+                  with_full_kl, with_reference) -> None:
+    """`score_rollout`'s loop: each chunk's (b, T) figures appended to `parts`."""
+    length = samples.response_ids.shape[1]  # T
     for rows in chunks:  # (b,) row indices
         width = int(attention_mask[rows].sum(dim=1).max())  # p: the chunk's longest prompt
         t = int(samples.mask[rows].sum(dim=1).max())  # t: the chunk's longest response
@@ -208,8 +222,6 @@ def score_rollout(
         del logits
         for name, value in chunk.items():
             parts[name].append(F.pad(value * mask, (0, length - t)))  # (b, T): back to the batch's length
-    unsort = torch.cat(list(chunks)).argsort()  # (B,): chunk order back to row order
-    return RolloutScores(**{name: torch.cat(pieces)[unsort] for name, pieces in parts.items()})  # (B, T) each
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
