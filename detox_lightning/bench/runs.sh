@@ -4,11 +4,11 @@
 #   bash detox_lightning/bench/runs.sh [OUT_DIR]      # default OUT_DIR: bench_runs/
 #
 # Each run writes its whole output to OUT_DIR/<name>.txt and its JSON line to OUT_DIR/<name>.json;
-# OUT_DIR/times.txt gets each run's wall time. Estimated total on the 2-core AMD EPYC: ~23 min
-# (build ~2, defaults_small ~7, int8_small ~2.5, defaults_base ~4, notebook_shape_base ~4,
-# threads 1 and 2 ~1.7, grpo pair ~1.5; estimated from the 2026-12-01 figures and the FLOP counts).
+# OUT_DIR/times.txt gets each run's wall time. Measured total on the 2-core AMD EPYC (AVX2 only): 34 min
+# (build 0.7, defaults_small 12, int8_small 5, defaults_base 7.4, notebook_shape_base 4, threads 1 and 2
+# 3.6, grpo pair ~3).
 # Models are built first into MODELS (default /tmp/detox_bench_models) so that no timed run builds them.
-# The base-shape runs time one iteration after the warm-up (--iters 1) to stay within ~25 min.
+# The base-shape runs time one iteration after the warm-up (--iters 1) to keep the whole within ~35 min.
 set -euo pipefail
 
 OUT=${1:-bench_runs}
@@ -59,7 +59,7 @@ run grpo_beta0_small --model-dir "$SMALL" --threads 2 --estimator grpo --batch-s
 run grpo_beta_small --model-dir "$SMALL" --threads 2 --estimator grpo --batch-size 8 --samples-per-prompt 2 \
     --init-kl-coef 0.05 --fixed-kl --skip-notebook --skip-floor --skip-memory --skip-eval
 
-# Not in the 25-minute budget (each ~6-10 min here), worth a run when there is time:
+# Not in that budget (each ~6-10 min here), worth a run when there is time:
 #   python -m detox_lightning.bench --shape base --model-dir "$BASE" --threads 2 --new-tokens-range 100 400 \
 #       --skip-notebook --skip-floor --skip-memory --skip-eval      # the notebook's per-prompt draw
 #   python -m detox_lightning.bench --model-dir "$SMALL" --threads 2 --generation plain --skip-memory --skip-eval  # the opt-out
