@@ -7,14 +7,25 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The README's command runs two pytest-xdist workers on two cores, each with torch's default threads
+# (its figures and seeds are those of a plain run). OpenMP's idle threads spin by default: with a
+# second process on the cores the spinning takes the cores from the work, and the suite ran slower
+# in two workers than in one. Passive waiting (read when torch loads OpenMP, so before the import;
+# inherited by every subprocess a test starts) makes two workers ~2x one.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
-    """Build built-in models once per session (CI sets DETOX_LIGHTNING_CACHE itself)."""
+    """Build built-in models once per run (CI sets DETOX_LIGHTNING_CACHE itself). Under xdist the
+    workers share one cache beside their own temporary roots; builds are atomic, the first wins."""
     if "DETOX_LIGHTNING_CACHE" not in os.environ:
-        os.environ["DETOX_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("detox_cache"))
+        root = tmp_path_factory.getbasetemp()
+        shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+        os.environ["DETOX_LIGHTNING_CACHE"] = str(shared / "detox_cache")
     return os.environ["DETOX_LIGHTNING_CACHE"]
 
 

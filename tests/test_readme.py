@@ -104,3 +104,23 @@ def test_bench_readme_has_the_method_and_the_goals():
     assert len(goals) == 2, "the benchmark README has no 'The CPU speed goals' section"
     assert re.search(r"^\| goal \| measured .*\| met \|$", goals[1], re.MULTILINE), "the CPU speed goals section has no goals table"
     assert "detox_lightning/bench/README.md" in README.read_text(encoding="utf-8"), "README.md does not link the benchmark README"
+
+
+def readme_test_command(readme_text: str) -> str:
+    """The first command of the README's "## Tests" bash block, without its comment."""
+    section = readme_text.partition("## Tests\n")[2]
+    block = section.partition("```bash\n")[2].partition("```")[0]
+    return block.splitlines()[0].partition("#")[0].strip() if block else ""
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = readme_test_command(README.read_text(encoding="utf-8"))
+    assert command.startswith("python -m pytest"), f"the README's Tests section starts with {command!r}"
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert command in ci_lines, f".ci/run does not run the README's test command {command!r}"
+
+
+def test_readme_test_command_is_read_from_the_tests_block():
+    text = "## Tests\n\n```bash\npython -m pytest -q -n 3   # all\npython -m pytest -q -m x\n```\n"
+    assert readme_test_command(text) == "python -m pytest -q -n 3"
+    assert readme_test_command("## Tests\n\nno block\n") == ""
