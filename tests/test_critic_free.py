@@ -134,10 +134,7 @@ def test_quick_start_with_rloo_detoxifies_for_the_reward_and_the_judge(tmp_path,
         run + ["--config", "configs/tiny_detox.yaml", "--trainer.default_root_dir", str(tmp_path / "detox"),
                "--model.init_args.policy.adapter_name_or_path", str(adapter), "--data.batch_size", "8",
                "--model.init_args.ppo.advantage_estimator", "rloo", *CRITIC_FREE,
-               "--model.init_args.ppo.normalize_advantages", "true",
-               # torch.multinomial's stream: under seed 0 the inverse-CDF default lowers the reward's
-               # toxicity (-0.105) but leaves the judge's CI at +0.015 after these 12 small iterations
-               "--model.init_args.generation.fast_sampling", "false"],
+               "--model.init_args.ppo.normalize_advantages", "true"],
         cwd=ROOT, capture_output=True, text=True, timeout=2400, check=False,
     )
     assert detox.returncode == 0, detox.stderr[-3000:]
