@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-# The README's command runs two pytest-xdist workers on two cores, each with torch's default threads
-# (its figures and seeds are those of a plain run). OpenMP's idle threads spin by default: with a
-# second process on the cores the spinning takes the cores from the work, and the suite ran slower
-# in two workers than in one. Passive waiting (read when torch loads OpenMP, so before the import;
-# inherited by every subprocess a test starts) makes two workers ~2x one.
+# The README's command runs two pytest-xdist workers on two cores, each with torch's default threads,
+# so seeded figures are those of a plain run. OpenMP's idle threads spin by default, and a spinning
+# thread takes a core from the other worker's work; passive waiting lets the two share the cores. It is
+# read when torch loads OpenMP, so it is set before the import, and every subprocess a test starts inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
