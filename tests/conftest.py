@@ -14,7 +14,7 @@ import pytest
 # read when torch loads OpenMP, so it is set before the import, and every subprocess a test starts inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
